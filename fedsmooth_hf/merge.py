@@ -1,0 +1,142 @@
+"""Merging a round's aggregate into the base weights: ``W += s * B @ A``.
+
+Dense bases (fp32/fp16/bf16 ``nn.Linear``) are updated in place with one
+``addmm`` per layer: the only dense ``d_out x d_in`` work in a round, and no copy
+of the weight is made. A 4-bit base cannot absorb a small update without
+rounding it away, so a quantized layer keeps the merged update as a frozen
+full-precision low-rank *residual* beside its quantized weight (see
+:class:`BaseResidual`); nothing is lost, and the residual is folded into the
+exported model at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .lora_init import lora_scaling
+from .lowrank import factored_norm, stack_factors, truncated_svd
+
+__all__ = ["merge_into_base", "is_quantized", "BaseResidual", "base_residual", "dense_base_weight"]
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+def is_quantized(base: nn.Module) -> bool:
+    """True for bitsandbytes 4-/8-bit layers, whose weight cannot take an exact in-place add."""
+    weight = getattr(base, "weight", None)
+    return weight is not None and type(weight).__name__ in ("Params4bit", "Int8Params")
+
+
+class BaseResidual:
+    """Full-precision low-rank update ``B_r @ A_r`` kept beside a quantized base layer.
+
+    A forward hook adds ``x A_r^T B_r^T`` to the layer's output, so the layer computes
+    ``Q(W) + B_r A_r (+ LoRA)``. Each merge appends the new factors exactly; when the
+    stacked rank exceeds ``max_rank`` it is re-compressed with an exact truncated SVD
+    (the best approximation of that rank; the discarded energy is reported).
+    """
+
+    def __init__(self, layer: nn.Module, max_rank: int):
+        self.max_rank = max_rank
+        self.B: torch.Tensor | None = None
+        self.A: torch.Tensor | None = None
+        self.discarded_norm = 0.0
+        self._handle = layer.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if self.B is None:
+            return output
+        x = args[0]
+        A = self.A.to(dtype=x.dtype, device=x.device)
+        B = self.B.to(dtype=x.dtype, device=x.device)
+        return output + (x @ A.T @ B.T).to(output.dtype)
+
+    @torch.no_grad()
+    def add(self, B: torch.Tensor, A: torch.Tensor) -> None:
+        B, A = B.float(), A.float()
+        if self.B is not None:
+            B, A = stack_factors([self.B, B.to(self.B.device)], [self.A, A.to(self.A.device)])
+        if B.shape[1] > self.max_rank:
+            B_t, A_t = truncated_svd([B], [A], self.max_rank)
+            self.discarded_norm += factored_norm([B, B_t], [A, A_t], [1.0, -1.0])
+            B, A = B_t, A_t
+        self.B, self.A = B, A
+
+    def dense(self) -> torch.Tensor | None:
+        return None if self.B is None else self.B @ self.A
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+_RESIDUAL_ATTR = "_fedsmooth_base_residual"
+
+
+def base_residual(layer: nn.Module) -> BaseResidual | None:
+    """The residual kept beside a quantized layer, if any."""
+    return getattr(layer, _RESIDUAL_ATTR, None)
+
+
+def dense_base_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's effective base weight ``(d_out, d_in)`` in fp32: dequantized + residual.
+
+    For export and tests; this is the one place a dense copy of a quantized weight is made.
+    """
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    if is_quantized(base):
+        import bitsandbytes.functional as bnbF
+
+        W = bnbF.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+    else:
+        W = base.weight.detach().float()
+        if getattr(layer, "fan_in_fan_out", False):
+            W = W.T
+    res = base_residual(layer)
+    if res is not None and res.B is not None:
+        W = W + res.dense().to(W.device)
+    return W
+
+
+@torch.no_grad()
+def merge_into_base(
+    layers: Mapping[str, nn.Module],
+    merge: Mapping[str, Factors],
+    adapter_name: str = "default",
+    residual_max_rank: int = 256,
+) -> None:
+    """``W += s * B @ A`` for every ``name -> (B, A)`` in ``merge`` (LoRA units, any rank).
+
+    Raises ``ValueError`` naming the module if a factor is non-finite: nothing
+    non-finite is ever merged.
+    """
+    for name, (B, A) in merge.items():
+        if name not in layers:
+            raise KeyError(f"merge: unknown module '{name}'")
+        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+            raise ValueError(f"merge: the update for module '{name}' contains NaN or Inf; refusing to merge it")
+        layer = layers[name]
+        s = lora_scaling(layer, adapter_name)
+        base = layer.get_base_layer()
+        if is_quantized(base):
+            res = base_residual(layer)
+            if res is None:
+                res = BaseResidual(layer, residual_max_rank)
+                setattr(layer, _RESIDUAL_ATTR, res)
+            res.add(s * B, A)
+            continue
+        W = base.weight
+        Bw = B.to(device=W.device, dtype=torch.float32)
+        Aw = A.to(device=W.device, dtype=torch.float32)
+        delta_t = getattr(layer, "fan_in_fan_out", False)
+        if W.dtype == torch.float32:
+            if delta_t:
+                W.addmm_(Aw.T, Bw.T, alpha=s)
+            else:
+                W.addmm_(Bw, Aw, alpha=s)
+        else:
+            # Half-precision base: add in fp32, round once.
+            update = s * (Aw.T @ Bw.T if delta_t else Bw @ Aw)
+            W.copy_((W.float() + update).to(W.dtype))

@@ -1,0 +1,251 @@
+"""The common interface every federated LoRA algorithm implements.
+
+A strategy is pure math over per-module LoRA factors; it knows nothing about
+``Trainer``, PEFT or devices. One round, seen from the trainer::
+
+    strategy.begin_round(round_idx)
+    for client in sampled:
+        point = strategy.gradient_point(client)        # only if strategy.needs_gradient
+        grads = <estimate dL/dW at W + s * point>       # trainer + gradients.py
+        start = strategy.client_start(client, grads)    # LoRA init, frozen offset, what trains
+        trained = <local Trainer steps>                 # trainer
+        upload = strategy.client_upload(client, trained)
+    update = strategy.aggregate({client: upload}, {client: n_examples})
+    <W += s * update.merge; adapter of the global model = update.global_lora>   # merge.py
+
+Factors are ``(B, A)`` pairs keyed by module name, in LoRA units: a module's
+weight moves by ``s * B @ A`` where ``s`` is PEFT's LoRA scaling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ..lowrank import stack_factors
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+ModuleFactors = dict[str, Factors]
+
+
+@dataclass
+class ClientStart:
+    """How a client's adapter looks when its local training begins.
+
+    Attributes:
+        lora: trainable adapter factors ``name -> (B, A)``.
+        offsets: frozen low-rank corrections ``name -> (B_off, A_off)`` added to the
+            layer as ``s * B_off @ A_off`` for the duration of the client round.
+        train_A / train_B: which LoRA factors receive gradients (FFA-LoRA freezes A).
+    """
+
+    lora: ModuleFactors
+    offsets: ModuleFactors = field(default_factory=dict)
+    train_A: bool = True
+    train_B: bool = True
+
+
+@dataclass
+class ServerUpdate:
+    """What the server does with one round's uploads.
+
+    Attributes:
+        merge: factors added into the base weights, ``W += s * B @ A`` (exact, any rank).
+        global_lora: the adapter of the new global model, or ``None`` for a zero
+            adapter (everything already merged into the base).
+    """
+
+    merge: ModuleFactors
+    global_lora: ModuleFactors | None
+
+
+def normalize_weights(weights: Mapping[int, float]) -> dict[int, float]:
+    """Client weights ``n_c / N``; rejects empty, negative, non-finite or all-zero input."""
+    if not weights:
+        raise ValueError("aggregate: the list of client uploads is empty; at least one client must report")
+    for client, w in weights.items():
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(
+                f"aggregate: client {client} has invalid weight {w}; weights must be finite and >= 0"
+            )
+    total = float(sum(weights.values()))
+    if total <= 0:
+        raise ValueError(f"aggregate: client weights must sum to > 0, got {total}")
+    return {c: float(w) / total for c, w in weights.items()}
+
+
+def check_upload(client: int, upload: Mapping[str, Factors], expected: Mapping[str, Factors]) -> None:
+    """One clear error for an upload that is missing modules, misshapen or non-finite."""
+    missing = sorted(set(expected) - set(upload))
+    if missing:
+        raise ValueError(f"upload of client {client} is missing modules: {missing[:5]}")
+    for name, (B, A) in upload.items():
+        if name not in expected:
+            raise ValueError(f"upload of client {client} has an unknown module '{name}'")
+        eB, eA = expected[name]
+        if tuple(B.shape) != tuple(eB.shape) or tuple(A.shape) != tuple(eA.shape):
+            raise ValueError(
+                f"upload of client {client}, module '{name}': shapes B{tuple(B.shape)} A{tuple(A.shape)}, "
+                f"expected B{tuple(eB.shape)} A{tuple(eA.shape)}"
+            )
+        if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+            raise ValueError(f"upload of client {client}, module '{name}' contains NaN or Inf")
+
+
+def weighted_factor_mean(uploads: Mapping[int, ModuleFactors], weights: Mapping[int, float]) -> ModuleFactors:
+    """``(sum_c w_c B_c, sum_c w_c A_c)`` per module: FedAvg of the factors separately."""
+    clients = list(uploads)
+    names = uploads[clients[0]].keys()
+    return {
+        name: (
+            sum(weights[c] * uploads[c][name][0] for c in clients),
+            sum(weights[c] * uploads[c][name][1] for c in clients),
+        )
+        for name in names
+    }
+
+
+def product_sum(
+    uploads: Mapping[int, ModuleFactors],
+    weights: Mapping[int, float],
+    extra: Mapping[str, Factors] | None = None,
+    extra_weight: float = 1.0,
+) -> ModuleFactors:
+    """Exact factored ``sum_c w_c B_c A_c`` (+ ``extra_weight * B_x A_x``) per module, no truncation."""
+    clients = list(uploads)
+    out = {}
+    for name in uploads[clients[0]]:
+        Bs = [uploads[c][name][0] for c in clients]
+        As = [uploads[c][name][1] for c in clients]
+        ws = [weights[c] for c in clients]
+        if extra is not None:
+            Bs.append(extra[name][0])
+            As.append(extra[name][1])
+            ws.append(extra_weight)
+        out[name] = stack_factors(Bs, As, ws)
+    return out
+
+
+class FederatedStrategy:
+    """Base class: holds the initial adapter and implements the shared bookkeeping.
+
+    Subclasses set ``name`` and override :meth:`client_start`, :meth:`client_upload`
+    and :meth:`aggregate`; stateful ones also :meth:`state_dict` / :meth:`load_state_dict`
+    and :meth:`client_state_bytes`.
+    """
+
+    name: str = ""
+    #: whether :meth:`client_start` needs the full-weight gradient of each target layer
+    needs_gradient: bool = False
+
+    def __init__(self, rank: int, num_rounds: int = 1):
+        if rank < 1:
+            raise ValueError(f"lora_r must be >= 1, got {rank}")
+        if num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+        self.rank = rank
+        self.num_rounds = num_rounds
+        self.round = 0
+        self.init_lora: ModuleFactors = {}
+
+    # -- lifecycle -------------------------------------------------------------------
+    def setup(self, init_lora: Mapping[str, Factors]) -> None:
+        """Receive the adapter's initial factors (PEFT's init), the round-0 global adapter."""
+        if not init_lora:
+            raise ValueError("setup: no LoRA modules were given (do the target modules match anything?)")
+        self.init_lora = {n: (B.detach().cpu().clone(), A.detach().cpu().clone()) for n, (B, A) in init_lora.items()}
+
+    def begin_round(self, round_idx: int) -> None:
+        """Called once before the clients of round ``round_idx`` (0-based) start."""
+        self.round = round_idx
+
+    # -- client side -----------------------------------------------------------------
+    def gradient_point(self, client: int) -> ModuleFactors | None:
+        """Low-rank offset (LoRA units) at which the client's gradient is estimated; None = at W."""
+        return None
+
+    def client_start(self, client: int, grads: Mapping[str, torch.Tensor] | None = None) -> ClientStart:
+        raise NotImplementedError
+
+    def client_upload(self, client: int, trained: Mapping[str, Factors]) -> ModuleFactors:
+        """What the client sends after training; by default its trained factors."""
+        return {n: (B.detach().float().cpu(), A.detach().float().cpu()) for n, (B, A) in trained.items()}
+
+    # -- server side -----------------------------------------------------------------
+    def aggregate(self, uploads: Mapping[int, ModuleFactors], weights: Mapping[int, float]) -> ServerUpdate:
+        raise NotImplementedError
+
+    def global_lora(self) -> ModuleFactors | None:
+        """The adapter of the current global model (``None`` = zero adapter)."""
+        return None
+
+    def _validated(
+        self, uploads: Mapping[int, ModuleFactors], weights: Mapping[int, float]
+    ) -> dict[int, float]:
+        w = normalize_weights({c: weights[c] for c in uploads} if uploads else {})
+        for c, up in uploads.items():
+            check_upload(c, up, self.init_lora)
+        return w
+
+    # -- persistence -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors to checkpoint (flat names), beyond the initial adapter the trainer saves."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`."""
+
+    def client_state_bytes(self) -> int:
+        """Bytes of per-client state held on the server side of the simulation."""
+        return 0
+
+    def describe(self) -> dict:
+        """Hyper-parameters for logs, checkpoints and model cards."""
+        return {"strategy": self.name, "rank": self.rank, "num_rounds": self.num_rounds}
+
+
+def flatten_factors(prefix: str, factors: Mapping[str, Factors]) -> dict[str, torch.Tensor]:
+    """``{prefix/name/B: B, prefix/name/A: A}`` for safetensors checkpoints."""
+    out = {}
+    for name, (B, A) in factors.items():
+        out[f"{prefix}/{name}/B"] = B.contiguous()
+        out[f"{prefix}/{name}/A"] = A.contiguous()
+    return out
+
+
+def unflatten_factors(prefix: str, state: Mapping[str, torch.Tensor]) -> ModuleFactors:
+    """Inverse of :func:`flatten_factors` for one prefix."""
+    out: dict[str, list] = {}
+    head = prefix + "/"
+    for key, t in state.items():
+        if not key.startswith(head):
+            continue
+        name, which = key[len(head) :].rsplit("/", 1)
+        out.setdefault(name, [None, None])[0 if which == "B" else 1] = t
+    return {n: (pair[0], pair[1]) for n, pair in out.items()}
+
+
+class GlobalAdapterStrategy(FederatedStrategy):
+    """Strategies whose global model keeps an adapter ``(B_g, A_g)`` that clients start from.
+
+    The global adapter starts as PEFT's initial one; :meth:`aggregate` replaces it.
+    """
+
+    def setup(self, init_lora: Mapping[str, Factors]) -> None:
+        super().setup(init_lora)
+        self._global: ModuleFactors = {n: (B.clone(), A.clone()) for n, (B, A) in self.init_lora.items()}
+
+    def client_start(self, client: int, grads: Mapping[str, torch.Tensor] | None = None) -> ClientStart:
+        return ClientStart(lora=self._global)
+
+    def global_lora(self) -> ModuleFactors:
+        return self._global
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return flatten_factors("global", self._global)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._global = unflatten_factors("global", state)

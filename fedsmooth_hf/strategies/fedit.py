@@ -1,0 +1,21 @@
+"""FedIT: FedAvg of the LoRA factors, A and B averaged separately.
+
+The simplest federated LoRA. Its global model ``W + s * mean(B) mean(A)`` is not the
+average of the clients' models ``W + s * mean(B A)``: the mismatch the other
+methods correct.
+"""
+
+from __future__ import annotations
+
+from .base import GlobalAdapterStrategy, ServerUpdate, weighted_factor_mean
+from .registry import register_strategy
+
+
+@register_strategy
+class FedIT(GlobalAdapterStrategy):
+    name = "fedit"
+
+    def aggregate(self, uploads, weights):
+        w = self._validated(uploads, weights)
+        self._global = weighted_factor_mean(uploads, w)
+        return ServerUpdate(merge={}, global_lora=self._global)

@@ -1,0 +1,180 @@
+"""FedSmoothLoRA (arXiv 2605.29460): Round-Matching + Gradient-Aligned client starts.
+
+Client c in round t (it kept its last upload ``(B_c, A_c)``; the server its last
+aggregate ``(B_s, A_s)``, already merged into ``W``):
+
+1. Round-Matching ``W_rm = zeta_t (B_c A_c - B_s A_s)`` (rank <= 2r, kept factored);
+2. ``G`` = gradient at the client's real start ``W + s W_rm``;
+3. ``(B_ga, A_ga)`` = Gradient-Aligned factors of ``G``;
+4. LoRA ``= SVD_r(B_ga A_ga + W_rm)``, frozen offset ``- s B_ga A_ga``;
+5. local training; upload ``SVD_r(B A - B_ga A_ga)``.
+
+Server: ``(B_s, A_s) = SVD_r(sum_c (n_c/N) B_c A_c)`` merged into ``W``. Every sum
+above is exact in factored form (``lowrank.truncated_svd``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from ..lora_init import client_init_factors
+from ..lowrank import stack_factors, truncated_svd
+from .base import (
+    ClientStart,
+    Factors,
+    FederatedStrategy,
+    ModuleFactors,
+    ServerUpdate,
+    flatten_factors,
+    unflatten_factors,
+)
+from .registry import register_strategy
+
+ZETA_MODES = ("constant", "cosine")
+
+
+def zeta_schedule(round_idx: int, num_rounds: int, zeta: float, mode: str, min_zeta: float) -> float:
+    """Round-Matching weight for 0-based ``round_idx``: constant, or cosine from zeta to min_zeta."""
+    if mode == "constant":
+        return zeta
+    if mode == "cosine":
+        return min_zeta + 0.5 * (zeta - min_zeta) * (1.0 + math.cos(math.pi * round_idx / num_rounds))
+    raise ValueError(f"zeta_mode must be one of {ZETA_MODES}, got '{mode}'")
+
+
+@register_strategy
+class FedSmoothLoRA(FederatedStrategy):
+    """FedSmoothLoRA: continuity across rounds (Round-Matching) and client-aware starts (Gradient-Aligned).
+
+    Args:
+        rank: LoRA rank r.
+        num_rounds: total rounds (for the cosine zeta schedule).
+        gamma: stable-scale constant of the Gradient-Aligned factors, ``k = d_out^(1/4)/sqrt(gamma)``.
+        zeta: Round-Matching weight (``1.0``: each client resumes its own previous end state).
+        zeta_mode: ``"constant"`` or ``"cosine"`` (decays to ``min_zeta``; suggested for non-IID).
+        min_zeta: floor of the cosine schedule.
+    """
+
+    name = "fedsmoothlora"
+    needs_gradient = True
+
+    def __init__(
+        self,
+        rank: int,
+        num_rounds: int = 1,
+        gamma: float = 64.0,
+        zeta: float = 1.0,
+        zeta_mode: str = "constant",
+        min_zeta: float = 0.0,
+    ):
+        super().__init__(rank, num_rounds)
+        if gamma <= 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}")
+        if zeta_mode not in ZETA_MODES:
+            raise ValueError(f"zeta_mode must be one of {ZETA_MODES}, got '{zeta_mode}'")
+        self.gamma = float(gamma)
+        self.zeta = float(zeta)
+        self.zeta_mode = zeta_mode
+        self.min_zeta = float(min_zeta)
+        self._client_uploads: dict[int, ModuleFactors] = {}
+        self._server: ModuleFactors | None = None
+        self._ga: dict[int, ModuleFactors] = {}  # per client, between client_start and client_upload
+
+    def current_zeta(self) -> float:
+        return zeta_schedule(self.round, self.num_rounds, self.zeta, self.zeta_mode, self.min_zeta)
+
+    def round_matching(self, client: int) -> ModuleFactors | None:
+        """``W_rm`` as stacked factors (inner rank 2r), or None when there is nothing to match."""
+        zeta = self.current_zeta()
+        own = self._client_uploads.get(client)
+        if self._server is None or own is None or zeta == 0.0:
+            return None
+        return {
+            name: stack_factors(
+                [own[name][0], self._server[name][0]], [own[name][1], self._server[name][1]], [zeta, -zeta]
+            )
+            for name in self.init_lora
+        }
+
+    def gradient_point(self, client: int) -> ModuleFactors | None:
+        return self.round_matching(client)
+
+    def client_start(self, client: int, grads: Mapping[str, torch.Tensor] | None = None) -> ClientStart:
+        if grads is None:
+            raise ValueError("fedsmoothlora needs the clients' weight gradients (ga_samples > 0)")
+        missing = sorted(set(self.init_lora) - set(grads))
+        if missing:
+            raise ValueError(f"no gradient was estimated for modules {missing[:5]}")
+        rm = self.round_matching(client)
+        lora, offsets, ga = {}, {}, {}
+        for name in self.init_lora:
+            (B, A), (B_ga, A_ga) = client_init_factors(
+                grads[name], self.rank, self.gamma, None if rm is None else rm[name]
+            )
+            lora[name] = (B, A)
+            offsets[name] = (-B_ga, A_ga)
+            ga[name] = (B_ga.float().cpu(), A_ga.float().cpu())
+        self._ga[client] = ga
+        return ClientStart(lora=lora, offsets=offsets)
+
+    def client_upload(self, client: int, trained: Mapping[str, Factors]) -> ModuleFactors:
+        if client not in self._ga:
+            raise RuntimeError(f"client_upload for client {client} without a matching client_start")
+        ga = self._ga.pop(client)
+        upload = {}
+        for name, (B, A) in trained.items():
+            B_ga, A_ga = ga[name]
+            upload[name] = truncated_svd(
+                [B.float().cpu(), B_ga], [A.float().cpu(), A_ga], self.rank, [1.0, -1.0]
+            )
+        self._client_uploads[client] = upload
+        return upload
+
+    def aggregate(self, uploads: Mapping[int, ModuleFactors], weights: Mapping[int, float]) -> ServerUpdate:
+        w = self._validated(uploads, weights)
+        clients = list(uploads)
+        self._server = {
+            name: truncated_svd(
+                [uploads[c][name][0] for c in clients],
+                [uploads[c][name][1] for c in clients],
+                self.rank,
+                [w[c] for c in clients],
+            )
+            for name in self.init_lora
+        }
+        return ServerUpdate(merge=self._server, global_lora=None)
+
+    # -- persistence -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        if self._server is not None:
+            state.update(flatten_factors("server", self._server))
+        for c, up in self._client_uploads.items():
+            state.update(flatten_factors(f"client{c}", up))
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        server = unflatten_factors("server", state)
+        self._server = server or None
+        clients = {int(k.split("/", 1)[0][len("client") :]) for k in state if k.startswith("client")}
+        self._client_uploads = {c: unflatten_factors(f"client{c}", state) for c in sorted(clients)}
+        self._ga = {}
+
+    def client_state_bytes(self) -> int:
+        return sum(
+            B.numel() * B.element_size() + A.numel() * A.element_size()
+            for up in self._client_uploads.values()
+            for B, A in up.values()
+        )
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "gamma": self.gamma,
+            "zeta": self.zeta,
+            "zeta_mode": self.zeta_mode,
+            "min_zeta": self.min_zeta,
+        }

@@ -1,0 +1,24 @@
+"""FFA-LoRA: A stays frozen at its shared random init, only B is trained and averaged.
+
+With A identical on every client, ``mean(B) A == mean(B A)``: FedAvg is exact, at
+the price of half the trainable parameters.
+"""
+
+from __future__ import annotations
+
+from .base import ClientStart, GlobalAdapterStrategy, ServerUpdate, weighted_factor_mean
+from .registry import register_strategy
+
+
+@register_strategy
+class FFALoRA(GlobalAdapterStrategy):
+    name = "ffa_lora"
+
+    def client_start(self, client, grads=None):
+        return ClientStart(lora=self._global, train_A=False)
+
+    def aggregate(self, uploads, weights):
+        w = self._validated(uploads, weights)
+        mean = weighted_factor_mean(uploads, w)
+        self._global = {n: (mean[n][0], self.init_lora[n][1].clone()) for n in mean}
+        return ServerUpdate(merge={}, global_lora=self._global)
