@@ -54,3 +54,24 @@ def tiny_llama():
 @pytest.fixture
 def tiny_vit():
     return make_tiny_vit()
+
+
+def make_counting_dataset(n: int, vocab_size: int = 64, seq_len: int = 12, seed: int = 0, with_category: bool = True):
+    """A learnable causal-LM task: each sequence counts upward mod vocab from a random start.
+
+    ``category`` (start token mod 4) gives a natural non-IID split for column partitions.
+    """
+    import datasets
+
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, vocab_size, (n,), generator=gen)
+    rows = {"input_ids": [], "labels": []}
+    if with_category:
+        rows["category"] = []
+    for s in starts.tolist():
+        ids = [(s + i) % vocab_size for i in range(seq_len)]
+        rows["input_ids"].append(ids)
+        rows["labels"].append(ids)
+        if with_category:
+            rows["category"].append(f"c{s % 4}")
+    return datasets.Dataset.from_dict(rows)

@@ -1,0 +1,139 @@
+"""FederatedArguments: everything about the federation, next to the user's TrainingArguments.
+
+``TrainingArguments`` keeps meaning what it means in a plain HF script (optimizer,
+learning rate, batch size, accumulation, precision, logging, output_dir); it now
+applies to each client's local round. This dataclass adds the rounds, the
+clients, LoRA and the algorithm. ``HfArgumentParser((TrainingArguments,
+FederatedArguments))`` reads both from the command line or a JSON/YAML file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .partition import PARTITION_METHODS
+from .strategies import available_strategies
+from .strategies.fedsmoothlora import ZETA_MODES
+from .strategies.registry import strategy_class
+
+ROUND_LR_SCHEDULES = ("constant", "cosine")
+CLIENT_FAILURE_POLICIES = ("raise", "skip")
+
+
+@dataclass
+class FederatedArguments:
+    """Arguments of a federated LoRA run (see ``docs/trainer.md``)."""
+
+    strategy: str = field(
+        default="fedsmoothlora",
+        metadata={"help": f"Federated algorithm: one of {', '.join(available_strategies())}."},
+    )
+    num_clients: int = field(default=10, metadata={"help": "Number of clients K the training data is split into."})
+    clients_per_round: int | None = field(
+        default=None, metadata={"help": "Clients sampled per round (seeded); default: all num_clients."}
+    )
+    num_rounds: int = field(default=10, metadata={"help": "Communication rounds."})
+    local_steps: int = field(
+        default=10,
+        metadata={"help": "Optimizer steps per client per round (TrainingArguments.max_steps of each local round)."},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank r (ignored if the model is already a PeftModel)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the scale is alpha/r (alpha/sqrt(r) with rsLoRA)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilized LoRA scaling alpha/sqrt(r)."})
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module name suffixes to adapt; default: every nn.Linear except the output head."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full and averaged across clients (e.g. a new classifier head)."},
+    )
+    ga_samples: int = field(
+        default=64, metadata={"help": "Calibration examples per client round for the Gradient-Aligned init."}
+    )
+    ga_batch_size: int = field(default=8, metadata={"help": "Batch size of the gradient estimation pass."})
+    gamma: float = field(default=64.0, metadata={"help": "Stable-scale gamma: GA factors scaled by d_out^(1/4)/sqrt(gamma)."})
+    zeta: float = field(default=1.0, metadata={"help": "Round-Matching weight zeta (0 disables Round-Matching)."})
+    zeta_mode: str = field(
+        default="constant", metadata={"help": f"Round-Matching schedule over rounds: one of {ZETA_MODES}."}
+    )
+    min_zeta: float = field(default=0.0, metadata={"help": "Final zeta of the cosine schedule."})
+    round_lr_schedule: str = field(
+        default="constant",
+        metadata={"help": f"Learning rate across rounds: one of {ROUND_LR_SCHEDULES} (cosine decays to round_min_lr)."},
+    )
+    round_min_lr: float = field(default=1e-6, metadata={"help": "Learning rate of the last round under cosine."})
+    partition: str = field(
+        default="iid", metadata={"help": f"How train_dataset is split over clients: one of {PARTITION_METHODS}."}
+    )
+    dirichlet_alpha: float = field(
+        default=0.5, metadata={"help": "Concentration of the Dirichlet label split (smaller = more skewed)."}
+    )
+    partition_column: str | None = field(
+        default=None,
+        metadata={"help": "Column to split by: the category for 'column', the label for 'dirichlet' (default label/labels)."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the partition, client sampling and each local round."})
+    save_rounds: int = field(default=0, metadata={"help": "Checkpoint every N rounds (0: only after the last round)."})
+    eval_rounds: int = field(default=1, metadata={"help": "Evaluate the global model every N rounds (0: never)."})
+    on_client_failure: str = field(
+        default="raise",
+        metadata={"help": f"A client that fails (error or non-finite upload): one of {CLIENT_FAILURE_POLICIES}."},
+    )
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"FederatedArguments.{name}={getattr(self, name)!r}: {why}")
+
+        strategy_class(self.strategy)  # unknown names list the valid ones
+        self.strategy = self.strategy.lower().replace("-", "_")
+        if self.num_clients < 1:
+            bad("num_clients", "must be >= 1")
+        if self.clients_per_round is None:
+            self.clients_per_round = self.num_clients
+        if not 1 <= self.clients_per_round <= self.num_clients:
+            bad("clients_per_round", f"must be between 1 and num_clients={self.num_clients}")
+        for name in ("num_rounds", "local_steps", "lora_r", "ga_batch_size"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        if self.lora_alpha <= 0:
+            bad("lora_alpha", "must be > 0")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "must be in [0, 1)")
+        if strategy_class(self.strategy).needs_gradient and self.ga_samples < 1:
+            bad("ga_samples", f"strategy '{self.strategy}' estimates gradients and needs ga_samples >= 1")
+        if self.gamma <= 0:
+            bad("gamma", "must be > 0")
+        if self.zeta_mode not in ZETA_MODES:
+            bad("zeta_mode", f"must be one of {ZETA_MODES}")
+        if self.round_lr_schedule not in ROUND_LR_SCHEDULES:
+            bad("round_lr_schedule", f"must be one of {ROUND_LR_SCHEDULES}")
+        if self.round_min_lr < 0:
+            bad("round_min_lr", "must be >= 0")
+        if self.partition not in PARTITION_METHODS:
+            bad("partition", f"must be one of {PARTITION_METHODS}")
+        if self.partition == "column" and not self.partition_column:
+            bad("partition_column", "partition='column' needs the name of the column to split by")
+        if self.dirichlet_alpha <= 0:
+            bad("dirichlet_alpha", "must be > 0")
+        if self.save_rounds < 0:
+            bad("save_rounds", "must be >= 0")
+        if self.eval_rounds < 0:
+            bad("eval_rounds", "must be >= 0")
+        if self.on_client_failure not in CLIENT_FAILURE_POLICIES:
+            bad("on_client_failure", f"must be one of {CLIENT_FAILURE_POLICIES}")
+
+    def strategy_options(self) -> dict:
+        """Keyword arguments any strategy constructor may take from these arguments."""
+        return {
+            "rank": self.lora_r,
+            "num_rounds": self.num_rounds,
+            "gamma": self.gamma,
+            "zeta": self.zeta,
+            "zeta_mode": self.zeta_mode,
+            "min_zeta": self.min_zeta,
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,80 @@
+"""Round-level events for ``TrainerCallback`` users, and a progress bar over rounds x clients.
+
+A :class:`FederatedCallback` is an ordinary ``transformers.TrainerCallback`` (so
+``on_log``, ``on_step_end`` ... keep firing inside every local round) with four
+more events the :class:`~fedsmooth_hf.FederatedTrainer` calls::
+
+    on_round_begin(args, state, control, round, clients)
+    on_client_begin(args, state, control, round, client)
+    on_client_end(args, state, control, round, client, metrics)
+    on_round_end(args, state, control, round, metrics)
+
+``round`` counts from 1 (round 0 is the state before training); ``metrics`` are plain dicts (``train_loss``, ``eval_loss``...).
+"""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+__all__ = ["FederatedCallback", "FederatedProgressCallback", "ROUND_EVENTS"]
+
+ROUND_EVENTS = ("on_round_begin", "on_client_begin", "on_client_end", "on_round_end")
+
+
+class FederatedCallback(TrainerCallback):
+    """Base class: override any of the round events (all default to doing nothing)."""
+
+    def on_round_begin(self, args, state, control, round: int, clients: list[int], **kwargs):
+        pass
+
+    def on_client_begin(self, args, state, control, round: int, client: int, **kwargs):
+        pass
+
+    def on_client_end(self, args, state, control, round: int, client: int, metrics: dict, **kwargs):
+        pass
+
+    def on_round_end(self, args, state, control, round: int, metrics: dict, **kwargs):
+        pass
+
+
+class FederatedProgressCallback(FederatedCallback):
+    """One bar for the whole run (rounds x sampled clients), with the latest losses as postfix.
+
+    It replaces the per-call bar of ``Trainer`` that would otherwise restart for every
+    client round.
+    """
+
+    def __init__(self, total_client_rounds: int, initial: int = 0):
+        self.total = total_client_rounds
+        self.initial = initial
+        self.bar = None
+
+    def _ensure(self, state):
+        if self.bar is None and state.is_world_process_zero:
+            self.bar = tqdm(total=self.total, initial=self.initial, desc="federated", unit="client-round",
+                            dynamic_ncols=True)
+
+    def on_client_begin(self, args, state, control, round, client, **kwargs):
+        self._ensure(state)
+        if self.bar is not None:
+            self.bar.set_description(f"round {round} client {client}")
+
+    def on_client_end(self, args, state, control, round, client, metrics, **kwargs):
+        if self.bar is not None:
+            self.bar.update(1)
+            if "train_loss" in metrics:
+                self.bar.set_postfix(train_loss=f"{metrics['train_loss']:.4f}")
+
+    def on_round_end(self, args, state, control, round, metrics, **kwargs):
+        if self.bar is not None and "eval_loss" in metrics:
+            self.bar.write(f"round {round}: eval_loss={metrics['eval_loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # Trainer fires this after every local round; the bar lives until `close()`.
+        pass
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,615 @@
+"""FederatedTrainer: a ``transformers.Trainer`` that runs federated LoRA rounds.
+
+Each round samples clients; each client round is a real ``Trainer`` inner loop
+(``super().train()``) on that client's data for ``local_steps`` steps, with a fresh
+optimizer and scheduler and the user's ``TrainingArguments`` (batch size,
+accumulation, precision, logging, callbacks). Around it the trainer only moves
+factors: the strategy says where a client starts and what it uploads, the
+aggregate is merged into the base. One model lives in memory; per-client state
+is LoRA factors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy, TrainOutput
+
+from .arguments import FederatedArguments
+from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .gradients import estimate_weight_gradients
+from .lora_init import apply_client_start, clear_offsets, get_lora_factors, lora_layers, set_lora_factors
+from .lowrank import factored_norm
+from .merge import base_residual, is_quantized, merge_into_base
+from .partition import partition_dataset, partition_summary
+from .strategies import FederatedStrategy, strategy_from_options
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FederatedTrainer", "ClientTrainingError", "find_target_modules"]
+
+ADAPTER = "default"
+_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head")
+# FederatedArguments that may change when a run is resumed (everything else must match)
+_RESUMABLE_CHANGES = {"num_rounds", "save_rounds", "eval_rounds", "on_client_failure"}
+
+
+class ClientTrainingError(RuntimeError):
+    """A client's local round failed (exception or non-finite loss/upload)."""
+
+    def __init__(self, round_number: int, client: int, reason: str):
+        super().__init__(f"round {round_number}, client {client}: {reason}")
+        self.round_number = round_number
+        self.client = client
+        self.reason = reason
+
+
+def find_target_modules(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
+    """Names of every ``nn.Linear`` except the output head, found by type (not by name patterns).
+
+    The head is the model's output embeddings, any top-level head named like
+    ``lm_head``/``classifier``/``score``, and anything listed in ``exclude``.
+    """
+    head_ids = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is not None:
+        head_ids.add(id(out))
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or id(module) in head_ids:
+            continue
+        last = name.rsplit(".", 1)[-1]
+        if name in _HEAD_NAMES or last in exclude or name in exclude:
+            continue
+        if any(name.startswith(f"{h}.") or name == h for h in exclude):
+            continue
+        names.append(name)
+    return names
+
+
+def _client_round_seed(seed: int, round_idx: int, client: int) -> int:
+    """A seed that depends only on (seed, round, client): resumable and order-independent."""
+    return int(np.random.SeedSequence([seed, round_idx, client]).generate_state(1)[0])
+
+
+class FederatedTrainer(Trainer):
+    """``Trainer`` whose ``train()`` runs ``num_rounds`` federated rounds over K clients.
+
+    Args:
+        model: a ``PreTrainedModel`` (LoRA is added from ``fed_args``) or a ``peft.PeftModel``
+            with a LoRA adapter (its ``LoraConfig`` is used as is).
+        args: the user's ``TrainingArguments``; they apply to every local round
+            (``max_steps`` is replaced by ``fed_args.local_steps``).
+        fed_args: :class:`FederatedArguments`.
+        train_dataset: one dataset, split over clients by ``fed_args.partition``; or
+        client_datasets: the clients' datasets, already separate (takes precedence).
+        Everything else is passed to ``Trainer`` unchanged.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        fed_args: FederatedArguments | None = None,
+        train_dataset=None,
+        client_datasets: Sequence | None = None,
+        eval_dataset=None,
+        callbacks: list | None = None,
+        **kwargs,
+    ):
+        if model is None:
+            raise ValueError("FederatedTrainer needs a model")
+        self.fed_args = fed_args if fed_args is not None else FederatedArguments()
+        fa = self.fed_args
+        if args is None:
+            args = TrainingArguments(output_dir="fedsmooth_output", report_to="none")
+        self.client_datasets = self._resolve_clients(train_dataset, client_datasets)
+        model = self._ensure_peft(model)
+
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=self.client_datasets[0],
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            **kwargs,
+        )
+        self.layers = lora_layers(self.model, ADAPTER)
+        self._check_layer_shapes()
+        self._extra_names = [
+            n for n, p in self.model.named_parameters() if p.requires_grad and not self._is_lora_param(n)
+        ]
+        self.strategy: FederatedStrategy = strategy_from_options(
+            fa.strategy, {**fa.strategy_options(), "rank": self.lora_rank}
+        )
+        self.strategy.setup(get_lora_factors(self.layers, ADAPTER))
+        self._check_ga_samples()
+        self.round_history: list[dict] = []
+        self._round_ctx: tuple[int, int | None] | None = None  # (round number, client) for logs
+        self._step_offset = 0
+        self._log_history: list[dict] = []
+        self._progress: FederatedProgressCallback | None = None
+        self._replace_progress_bar()
+
+    # ------------------------------------------------------------------ construction
+    def _resolve_clients(self, train_dataset, client_datasets) -> list:
+        fa = self.fed_args
+        if client_datasets is not None:
+            clients = list(client_datasets)
+            if len(clients) != fa.num_clients:
+                raise ValueError(
+                    f"got {len(clients)} client_datasets but FederatedArguments.num_clients={fa.num_clients}"
+                )
+        elif train_dataset is not None:
+            clients = partition_dataset(
+                train_dataset,
+                fa.num_clients,
+                method=fa.partition,
+                seed=fa.seed,
+                partition_column=fa.partition_column,
+                dirichlet_alpha=fa.dirichlet_alpha,
+            )
+            logger.info("client partition (%s):\n%s", fa.partition, partition_summary(clients, fa.partition_column))
+        else:
+            raise ValueError("FederatedTrainer needs train_dataset (split over clients) or client_datasets")
+        for i, ds in enumerate(clients):
+            if len(ds) == 0:
+                raise ValueError(f"client {i} has no data: every client dataset must hold at least one example")
+        return clients
+
+    def _ensure_peft(self, model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        fa = self.fed_args
+        if isinstance(model, PeftModel):
+            config = model.peft_config.get(ADAPTER)
+            if not isinstance(config, LoraConfig):
+                raise ValueError("FederatedTrainer needs a PeftModel with a LoRA adapter named 'default'")
+            if config.rank_pattern or config.alpha_pattern:
+                raise ValueError("LoRA rank_pattern/alpha_pattern are not supported: every layer needs the same rank")
+            return model
+        targets = find_target_modules(model, fa.modules_to_save or ())
+        if fa.target_modules:
+            wanted = list(fa.target_modules)
+            chosen = [n for n in targets if any(n == t or n.endswith("." + t) for t in wanted)]
+            if not chosen:
+                suffixes = sorted({n.rsplit(".", 1)[-1] for n in targets})
+                raise ValueError(
+                    f"FederatedArguments.target_modules={wanted} match no Linear layer of "
+                    f"{type(model).__name__}; Linear layers end in: {suffixes}"
+                )
+            targets = chosen
+        if not targets:
+            raise ValueError(f"{type(model).__name__} has no nn.Linear layer to adapt (target_modules)")
+        config = LoraConfig(
+            r=fa.lora_r,
+            lora_alpha=fa.lora_alpha,
+            lora_dropout=fa.lora_dropout,
+            use_rslora=fa.use_rslora,
+            target_modules=targets,
+            modules_to_save=fa.modules_to_save,
+        )
+        return get_peft_model(model, config)
+
+    @property
+    def lora_rank(self) -> int:
+        return int(self.model.peft_config[ADAPTER].r)
+
+    def _check_layer_shapes(self) -> None:
+        need = 2 * self.lora_rank if self._needs_gradient() else self.lora_rank
+        for name, layer in self.layers.items():
+            d_out, d_in = layer.out_features, layer.in_features
+            if need > min(d_out, d_in):
+                what = "2 * lora_r" if self._needs_gradient() else "lora_r"
+                raise ValueError(
+                    f"lora_r={self.lora_rank} is too large for layer '{name}' ({d_out}x{d_in}): "
+                    f"{what} must be <= {min(d_out, d_in)}"
+                )
+
+    def _needs_gradient(self) -> bool:
+        from .strategies.registry import strategy_class
+
+        return strategy_class(self.fed_args.strategy).needs_gradient
+
+    def _check_ga_samples(self) -> None:
+        if not self.strategy.needs_gradient:
+            return
+        for i, ds in enumerate(self.client_datasets):
+            if len(ds) < self.fed_args.ga_samples:
+                raise ValueError(
+                    f"FederatedArguments.ga_samples={self.fed_args.ga_samples} exceeds client {i}'s "
+                    f"{len(ds)} examples; lower ga_samples to at most the smallest client's size"
+                )
+
+    @staticmethod
+    def _is_lora_param(name: str) -> bool:
+        return ".lora_" in name
+
+    def _replace_progress_bar(self) -> None:
+        """Our bar runs over rounds x clients; Trainer's own would restart every local round."""
+        self.callback_handler.remove_callback(ProgressCallback)
+
+    # ------------------------------------------------------------------ helpers
+    def _fire(self, event: str, **kwargs) -> None:
+        assert event in ROUND_EVENTS
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, FederatedCallback):
+                getattr(cb, event)(self.args, self.state, self.control, **kwargs)
+
+    def sample_clients(self, round_idx: int) -> list[int]:
+        """Clients of round ``round_idx`` (0-based): a seeded draw that depends only on (seed, round)."""
+        fa = self.fed_args
+        if fa.clients_per_round == fa.num_clients:
+            return list(range(fa.num_clients))
+        rng = np.random.default_rng([fa.seed, round_idx])
+        return sorted(int(c) for c in rng.choice(fa.num_clients, fa.clients_per_round, replace=False))
+
+    def round_learning_rate(self, round_idx: int) -> float:
+        fa = self.fed_args
+        lr = self.args.learning_rate
+        if fa.round_lr_schedule == "constant":
+            return lr
+        return fa.round_min_lr + 0.5 * (lr - fa.round_min_lr) * (1 + math.cos(math.pi * round_idx / fa.num_rounds))
+
+    @contextlib.contextmanager
+    def _local_round_args(self, learning_rate: float):
+        """The user's TrainingArguments, with what a local round must own swapped in."""
+        overrides = {
+            "max_steps": self.fed_args.local_steps,
+            "learning_rate": learning_rate,
+            "save_strategy": SaveStrategy.NO,
+            "eval_strategy": IntervalStrategy.NO,
+            "load_best_model_at_end": False,
+            "push_to_hub": False,
+        }
+        saved = {k: getattr(self.args, k) for k in overrides}
+        try:
+            for k, v in overrides.items():
+                setattr(self.args, k, v)
+            yield
+        finally:
+            for k, v in saved.items():
+                setattr(self.args, k, v)
+
+    def _release_engine(self) -> None:
+        """Drop the optimizer, scheduler and any DeepSpeed/DDP wrapper of the last local round."""
+        self.optimizer = None
+        self.lr_scheduler = None
+        if getattr(self, "deepspeed", None) is not None:
+            self.deepspeed.destroy() if hasattr(self.deepspeed, "destroy") else None
+            self.deepspeed = None
+        self.model_wrapped = self.model
+        self.accelerator.free_memory()
+
+    def _calibration_batches(self, client: int, seed: int):
+        fa = self.fed_args
+        ds = self.client_datasets[client]
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.permutation(len(ds))[: fa.ga_samples])
+        world, rank = self.args.world_size, self.args.process_index
+        idx = idx[rank::world] if world > 1 else idx
+        subset = ds.select(idx.tolist()) if hasattr(ds, "select") else torch.utils.data.Subset(ds, idx.tolist())
+        if hasattr(subset, "column_names"):
+            subset = self._remove_unused_columns(subset, description="calibration")
+        loader = torch.utils.data.DataLoader(subset, batch_size=fa.ga_batch_size, collate_fn=self.data_collator)
+        for batch in loader:
+            yield self._prepare_inputs(batch)
+
+    def _estimate_gradients(self, client: int, seed: int, point) -> dict[str, torch.Tensor]:
+        if point is not None:
+            clear_offsets(self.layers)
+            set_lora_factors(self.layers, {n: (torch.zeros_like(B), torch.zeros_like(A))
+                                           for n, (B, A) in self.strategy.init_lora.items()}, ADAPTER)
+            from .lora_init import set_offsets
+
+            set_offsets(self.layers, point, ADAPTER)
+        else:
+            self._load_global_adapter()
+        reduce_fn = (lambda g: self.accelerator.reduce(g, "mean")) if self.args.world_size > 1 else None
+        try:
+            return estimate_weight_gradients(
+                self.model,
+                self.layers,
+                self._calibration_batches(client, seed),
+                loss_fn=lambda m, b: self.compute_loss(m, b),
+                reduce_fn=reduce_fn,
+            )
+        finally:
+            clear_offsets(self.layers)
+
+    def _load_global_adapter(self) -> None:
+        """The global model: base weights (+ the strategy's global adapter), no offsets."""
+        clear_offsets(self.layers)
+        glob = self.strategy.global_lora()
+        if glob is None:
+            glob = {n: (torch.zeros_like(B), A) for n, (B, A) in self.strategy.init_lora.items()}
+        set_lora_factors(self.layers, glob, ADAPTER)
+
+    def _extras(self) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().float().cpu().clone() for n in self._extra_names}
+
+    @torch.no_grad()
+    def _set_extras(self, values: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        for n, v in values.items():
+            params[n].copy_(v)
+
+    # ------------------------------------------------------------------ Trainer hooks
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Every log line carries ``round`` (and ``client`` inside a local round); steps run on."""
+        if self._round_ctx is None:
+            return super().log(logs, start_time)
+        round_number, client = self._round_ctx
+        logs = {**logs, "round": round_number}
+        if client is not None:
+            logs["client"] = client
+        inner = self.state.global_step
+        self.state.global_step = self._step_offset + inner
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.state.global_step = inner
+        # Trainer starts a new TrainerState every local round; the run's history lives here.
+        self._log_history.append(self.state.log_history[-1])
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._round_ctx is not None and not torch.isfinite(loss).all():
+            round_number, client = self._round_ctx
+            raise ClientTrainingError(
+                round_number, client, f"non-finite training loss ({loss.item()}) at local step {self.state.global_step + 1}"
+            )
+        return loss
+
+    # ------------------------------------------------------------------ the round loop
+    def _train_client(self, round_idx: int, client: int, lr: float, ignore_keys_for_eval=None) -> dict:
+        fa = self.fed_args
+        seed = _client_round_seed(fa.seed, round_idx, client)
+        set_seed(seed)
+        grads = None
+        if self.strategy.needs_gradient:
+            t0 = time.perf_counter()
+            grads = self._estimate_gradients(client, seed, self.strategy.gradient_point(client))
+            ga_time = time.perf_counter() - t0
+        else:
+            ga_time = 0.0
+        start = self.strategy.client_start(client, grads)
+        del grads
+        apply_client_start(self.layers, start.lora, start.offsets, start.train_A, start.train_B, ADAPTER)
+        self.train_dataset = self.client_datasets[client]
+        set_seed(seed)  # data order and dropout of this local round
+        t0 = time.perf_counter()
+        try:
+            with self._local_round_args(lr):
+                out = super().train(ignore_keys_for_eval=ignore_keys_for_eval)
+        finally:
+            self._step_offset += self.state.global_step
+            self._release_engine()
+            clear_offsets(self.layers)
+        trained = get_lora_factors(self.layers, ADAPTER)
+        if not math.isfinite(out.training_loss):
+            raise ClientTrainingError(round_idx + 1, client, f"non-finite training loss {out.training_loss}")
+        for name, (B, A) in trained.items():
+            if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+                raise ClientTrainingError(round_idx + 1, client, f"non-finite LoRA factors in '{name}'")
+        upload = self.strategy.client_upload(client, trained)
+        return {
+            "upload": upload,
+            "extras": self._extras(),
+            "train_loss": float(out.training_loss),
+            "train_time_s": time.perf_counter() - t0,
+            "ga_time_s": ga_time,
+            "first_loss": self._first_logged_loss(),
+        }
+
+    def _first_logged_loss(self) -> float | None:
+        for entry in self.state.log_history:
+            if "loss" in entry:
+                return float(entry["loss"])
+        return None
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Run the federated rounds; ``resume_from_checkpoint`` continues after a saved round."""
+        fa = self.fed_args
+        start_round = 0
+        if resume_from_checkpoint:
+            path = latest_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+            if path is None:
+                raise ValueError(f"no federated checkpoint (round-<k>/) found in {self.args.output_dir}")
+            start_round = self.load_federated_checkpoint(path)
+        if not self.args.disable_tqdm:
+            total = fa.num_rounds * fa.clients_per_round
+            self._progress = FederatedProgressCallback(total, initial=start_round * fa.clients_per_round)
+            self.add_callback(self._progress)
+        t_start = time.perf_counter()
+        try:
+            if start_round == 0 and self._eval_due(-1):
+                self._evaluate_round(0, ignore_keys_for_eval, record=True)
+            for round_idx in range(start_round, fa.num_rounds):
+                self._run_round(round_idx, ignore_keys_for_eval)
+        finally:
+            if self._progress is not None:
+                self._progress.close()
+                self.remove_callback(self._progress)
+                self._progress = None
+            self._round_ctx = None
+            self.state.log_history = list(self._log_history)
+        last = self.round_history[-1] if self.round_history else {}
+        metrics = {"train_runtime": time.perf_counter() - t_start, "rounds": fa.num_rounds}
+        metrics.update({k: v for k, v in last.items() if isinstance(v, float)})
+        return TrainOutput(self._step_offset, float(last.get("train_loss", float("nan"))), metrics)
+
+    def _eval_due(self, round_idx: int) -> bool:
+        fa = self.fed_args
+        if self.eval_dataset is None or fa.eval_rounds == 0:
+            return False
+        return round_idx < 0 or (round_idx + 1) % fa.eval_rounds == 0 or round_idx + 1 == fa.num_rounds
+
+    def _run_round(self, round_idx: int, ignore_keys_for_eval) -> None:
+        fa = self.fed_args
+        number = round_idx + 1
+        t0 = time.perf_counter()
+        self.strategy.begin_round(round_idx)
+        clients = self.sample_clients(round_idx)
+        lr = self.round_learning_rate(round_idx)
+        global_extras = self._extras()
+        self._fire("on_round_begin", round=number, clients=clients)
+        uploads, weights, losses, failed, info = {}, {}, {}, {}, {}
+        extra_sum: dict[str, torch.Tensor] = {}
+        for client in clients:
+            self._round_ctx = (number, client)
+            self._fire("on_client_begin", round=number, client=client)
+            self._set_extras(global_extras)
+            try:
+                result = self._train_client(round_idx, client, lr, ignore_keys_for_eval)
+            except Exception as err:  # noqa: BLE001 - policy decides
+                error = err if isinstance(err, ClientTrainingError) else ClientTrainingError(number, client, repr(err))
+                if fa.on_client_failure == "raise":
+                    raise error from err
+                logger.warning("skipping %s", error)
+                failed[client] = error.reason
+                self._fire("on_client_end", round=number, client=client, metrics={"failed": error.reason})
+                continue
+            uploads[client] = result["upload"]
+            n = len(self.client_datasets[client])
+            weights[client] = float(n)
+            losses[client] = result["train_loss"]
+            info[client] = {k: result[k] for k in ("train_time_s", "ga_time_s", "first_loss")}
+            for k, v in result["extras"].items():
+                extra_sum[k] = extra_sum.get(k, 0) + n * v
+            self._fire("on_client_end", round=number, client=client,
+                       metrics={"train_loss": result["train_loss"], **info[client]})
+        if not uploads:
+            raise ClientTrainingError(number, -1, f"every sampled client failed: {failed}")
+        self._round_ctx = (number, None)
+        update = self.strategy.aggregate(uploads, weights)
+        merge_into_base(self.layers, update.merge, ADAPTER)
+        total = sum(weights.values())
+        self._set_extras({k: v / total for k, v in extra_sum.items()} if extra_sum else global_extras)
+        self._load_global_adapter()
+        self._check_finite_base()
+        record = {
+            "round": number,
+            "clients": clients,
+            "learning_rate": lr,
+            "train_loss": float(sum(weights[c] * losses[c] for c in losses) / total),
+            "client_train_loss": {str(c): v for c, v in losses.items()},
+            "client_first_loss": {str(c): info[c]["first_loss"] for c in info},
+            "ga_time_s": float(sum(i["ga_time_s"] for i in info.values())),
+            "local_train_time_s": float(sum(i["train_time_s"] for i in info.values())),
+            "merge_norm": float(
+                math.sqrt(sum(factored_norm([B], [A]) ** 2 for B, A in update.merge.values()))
+            ) if update.merge else 0.0,
+            "failed_clients": {str(c): r for c, r in failed.items()},
+        }
+        if hasattr(self.strategy, "current_zeta"):
+            record["zeta"] = float(self.strategy.current_zeta())
+        if self._eval_due(round_idx):
+            record.update(self._evaluate_round(number, ignore_keys_for_eval, record=False))
+        record["round_time_s"] = time.perf_counter() - t0
+        self.round_history.append(record)
+        self.log({"train_loss": record["train_loss"], "merge_norm": record["merge_norm"]})
+        self._fire("on_round_end", round=number, metrics=record)
+        if (fa.save_rounds and number % fa.save_rounds == 0) or number == fa.num_rounds:
+            self.save_federated_checkpoint(number)
+
+    def _evaluate_round(self, number: int, ignore_keys_for_eval, record: bool) -> dict:
+        self._round_ctx = (number, None)
+        self._load_global_adapter()
+        metrics = self.evaluate(ignore_keys=ignore_keys_for_eval)
+        out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if record:
+            self.round_history.append({"round": number, **out})
+        return out
+
+    def _check_finite_base(self) -> None:
+        for name, layer in self.layers.items():
+            base = layer.get_base_layer()
+            if not is_quantized(base) and not torch.isfinite(base.weight).all():
+                raise FloatingPointError(f"base weight of '{name}' became non-finite after the merge")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _model_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, layer in self.layers.items():
+            base = layer.get_base_layer()
+            if is_quantized(base):
+                res = base_residual(layer)
+                if res is not None and res.B is not None:
+                    tensors[f"residual/{name}/B"] = res.B
+                    tensors[f"residual/{name}/A"] = res.A
+            else:
+                tensors[f"base/{name}"] = base.weight.detach()
+        for n, v in self._extras().items():
+            tensors[f"extra/{n}"] = v
+        return tensors
+
+    def save_federated_checkpoint(self, round_number: int) -> Path | None:
+        """Write ``output_dir/round-<k>`` (process 0 only); safe against a kill at any point."""
+        if not self.args.should_save:
+            return None
+        state = {
+            "fed_args": self.fed_args.to_dict(),
+            "strategy": self.strategy.describe(),
+            "round_history": self.round_history,
+            "step_offset": self._step_offset,
+            "rng": rng_state(),
+        }
+        return save_checkpoint(self.args.output_dir, round_number, self._model_tensors(),
+                               self.strategy.state_dict(), state)
+
+    @torch.no_grad()
+    def load_federated_checkpoint(self, path) -> int:
+        """Restore a ``round-<k>`` checkpoint; returns k (the number of completed rounds)."""
+        model_tensors, strategy_tensors, state = load_checkpoint(path)
+        saved_args = state.get("fed_args", {})
+        for key, value in self.fed_args.to_dict().items():
+            if key not in _RESUMABLE_CHANGES and key in saved_args and saved_args[key] != value:
+                raise ValueError(
+                    f"checkpoint {path} was written with FederatedArguments.{key}={saved_args[key]!r}, "
+                    f"but this run has {value!r}"
+                )
+        expected = self._model_tensors()
+        for key, tensor in model_tensors.items():
+            if key.startswith("residual/"):
+                continue
+            if key not in expected:
+                raise ValueError(f"checkpoint {path}: unknown tensor '{key}' (different model or target_modules?)")
+            if tuple(tensor.shape) != tuple(expected[key].shape) or tensor.dtype != expected[key].dtype:
+                raise ValueError(
+                    f"checkpoint {path}: '{key}' is {tuple(tensor.shape)} {tensor.dtype}, the model has "
+                    f"{tuple(expected[key].shape)} {expected[key].dtype}"
+                )
+        missing = [k for k in expected if not k.startswith("residual/") and k not in model_tensors]
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks tensors {missing[:5]}")
+        for name, layer in self.layers.items():
+            key = f"base/{name}"
+            if key in model_tensors:
+                layer.get_base_layer().weight.copy_(model_tensors[key])
+            elif f"residual/{name}/B" in model_tensors:
+                from .merge import _RESIDUAL_ATTR, BaseResidual
+
+                res = base_residual(layer) or BaseResidual(layer, 256)
+                res.B, res.A = model_tensors[f"residual/{name}/B"], model_tensors[f"residual/{name}/A"]
+                setattr(layer, _RESIDUAL_ATTR, res)
+        self._set_extras({k[len("extra/"):]: v for k, v in model_tensors.items() if k.startswith("extra/")})
+        self.strategy.load_state_dict(strategy_tensors)
+        self.round_history = list(state.get("round_history", []))
+        self._step_offset = int(state.get("step_offset", 0))
+        set_rng_state(state["rng"])
+        self._load_global_adapter()
+        return int(state["round"])
