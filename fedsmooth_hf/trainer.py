@@ -12,6 +12,7 @@ is LoRA factors.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -613,3 +614,59 @@ class FederatedTrainer(Trainer):
         set_rng_state(state["rng"])
         self._load_global_adapter()
         return int(state["round"])
+
+    # ------------------------------------------------------------------ export
+    def merged_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The global model's weights under the base architecture's names (LoRA merged)."""
+        from .hub import merged_state_dict
+
+        return merged_state_dict(self.model, self.layers, self.strategy.global_lora(), ADAPTER, dtype)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the merged global model (a plain ``from_pretrained`` checkpoint), its card and history."""
+        from .hub import model_card, save_merged_model
+
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_merged_model(self.model, self.layers, self.strategy.global_lora(), output_dir,
+                          self.processing_class, ADAPTER)
+        evals = [r for r in self.round_history if "eval_loss" in r]
+        card = model_card(
+            getattr(self.model.get_base_model().config, "_name_or_path", "") or "",
+            self.fed_args.to_dict(),
+            self.strategy.describe(),
+            self.round_history,
+            {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
+        )
+        Path(output_dir, "README.md").write_text(card)
+        Path(output_dir, "federated_history.json").write_text(
+            json.dumps({"fed_args": self.fed_args.to_dict(), "round_history": self.round_history}, indent=1)
+        )
+
+    def export_adapter(self, original_model: nn.Module, output_dir: str, rank: int | None = None) -> Path:
+        """Save what federated training changed as a PEFT LoRA adapter of rank ``rank`` (default lora_r).
+
+        ``original_model`` is the model the run started from, freshly loaded; it is
+        wrapped in place. See :func:`fedsmooth_hf.hub.export_lora_adapter`.
+        """
+        from .hub import export_lora_adapter
+
+        return export_lora_adapter(self.model, self.layers, self.strategy.global_lora(), original_model,
+                                   output_dir, rank or self.lora_rank, ADAPTER)
+
+    def push_to_hub(self, commit_message: str | None = "End of federated training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, **kwargs) -> str:
+        """Save the merged model with its model card to ``output_dir`` and upload it.
+
+        The repository is ``TrainingArguments.hub_model_id`` (default: the output
+        directory's name); ``hub_token`` and ``hub_private_repo`` apply.
+        """
+        from .hub import push_folder_to_hub
+
+        self.save_model(self.args.output_dir)
+        if not self.args.should_save:
+            return ""
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).resolve().name
+        return push_folder_to_hub(self.args.output_dir, repo_id, token=token or self.args.hub_token,
+                                  private=self.args.hub_private_repo, commit_message=commit_message)

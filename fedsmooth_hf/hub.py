@@ -1,0 +1,223 @@
+"""Export of the federated result: the merged model, a PEFT adapter, a model card, the Hub.
+
+The global model is ``W (+ s * B_g A_g)`` per adapted layer, plus any fully
+trained modules (``modules_to_save``). :func:`merged_state_dict` writes exactly
+that into the architecture's own parameter names, so the export is a plain
+``PreTrainedModel`` that ``from_pretrained`` loads with no PEFT involved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .lora_init import lora_scaling
+from .lowrank import dense_top_svd
+from .merge import dense_base_weight, is_quantized
+
+__all__ = ["merged_state_dict", "save_merged_model", "export_lora_adapter", "model_card", "push_folder_to_hub"]
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+def _peft_prefix(peft_model: nn.Module) -> str:
+    """Module names of a PeftModel start with this before the base model's own names."""
+    return "base_model.model."
+
+
+@torch.no_grad()
+def merged_weight(layer: nn.Module, global_factors: Factors | None, adapter_name: str = "default") -> torch.Tensor:
+    """Dense fp32 ``W + residual + s * B_g A_g`` of one adapted layer, shaped like the original weight."""
+    W = dense_base_weight(layer)
+    if global_factors is not None:
+        B, A = global_factors
+        W = W + lora_scaling(layer, adapter_name) * (B.float().to(W.device) @ A.float().to(W.device))
+    if getattr(layer, "fan_in_fan_out", False):
+        W = W.T
+    return W
+
+
+@torch.no_grad()
+def merged_state_dict(
+    peft_model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    global_lora: Mapping[str, Factors] | None,
+    adapter_name: str = "default",
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """State dict of the global model under the base architecture's parameter names.
+
+    Adapted layers get their merged weight; ``modules_to_save`` copies replace the
+    originals; LoRA parameters disappear. ``dtype`` casts floating tensors (default:
+    the dtype of each layer's base weight, fp16 for a quantized base).
+    """
+    base = peft_model.get_base_model()
+    prefix = _peft_prefix(peft_model)
+    sd = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key or ".original_module." in key or "lora_magnitude" in key:
+            continue
+        key = key.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter_name}.", ".")
+        sd[key] = value
+    for name, layer in layers.items():
+        rel = name[len(prefix):] if name.startswith(prefix) else name
+        base_layer = layer.get_base_layer()
+        target = dtype or (torch.float16 if is_quantized(base_layer) else base_layer.weight.dtype)
+        g = None if global_lora is None else global_lora.get(name)
+        sd[f"{rel}.weight"] = merged_weight(layer, g, adapter_name).to(target).cpu().contiguous()
+        # bitsandbytes keeps quantization state tensors under the weight's name: not part of a dense export
+        for k in [k for k in sd if k.startswith(f"{rel}.weight.")]:
+            del sd[k]
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    return sd
+
+
+def save_merged_model(
+    peft_model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    global_lora: Mapping[str, Factors] | None,
+    output_dir: str | os.PathLike,
+    processing_class=None,
+    adapter_name: str = "default",
+) -> Path:
+    """Write the global model as a plain ``from_pretrained``-loadable checkpoint."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    base = peft_model.get_base_model()
+    sd = merged_state_dict(peft_model, layers, global_lora, adapter_name)
+    quant = getattr(base.config, "quantization_config", None)
+    if quant is not None:
+        # the export is dense: drop the 4-bit recipe from the saved config only
+        del base.config.quantization_config
+    try:
+        base.save_pretrained(output_dir, state_dict=sd, safe_serialization=True)
+    finally:
+        if quant is not None:
+            base.config.quantization_config = quant
+    if processing_class is not None:
+        processing_class.save_pretrained(output_dir)
+    return output_dir
+
+
+@torch.no_grad()
+def export_lora_adapter(
+    peft_model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    global_lora: Mapping[str, Factors] | None,
+    original_model: nn.Module,
+    output_dir: str | os.PathLike,
+    rank: int,
+    adapter_name: str = "default",
+) -> Path:
+    """Save the cumulative update ``merged - original`` as a rank-``rank`` PEFT LoRA adapter.
+
+    ``original_model`` is the model training started from (e.g. reloaded with
+    ``from_pretrained``); it is wrapped in place with the exported adapter. Each
+    layer's difference is computed densely one layer at a time and truncated to
+    ``rank`` with an SVD (exact for small layers), so the adapter is the best
+    rank-``rank`` approximation of what federated training changed.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    prefix = _peft_prefix(peft_model)
+    rel_names = {name: name[len(prefix):] if name.startswith(prefix) else name for name in layers}
+    originals = dict(original_model.named_modules())
+    for name, rel in rel_names.items():
+        if rel not in originals:
+            raise ValueError(f"original_model has no module '{rel}': it is not the model training started from")
+        if min(layers[name].out_features, layers[name].in_features) < rank:
+            raise ValueError(f"rank={rank} exceeds the dimensions of layer '{rel}'")
+    train_config = peft_model.peft_config[adapter_name]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,  # scale 1: the factors carry the update
+        target_modules=sorted(rel_names.values()),
+        modules_to_save=train_config.modules_to_save,
+        init_lora_weights=True,
+    )
+    exported = get_peft_model(original_model, config)
+    new_layers = {n[len(prefix):]: m for n, m in exported.named_modules()
+                  if n.startswith(prefix) and n[len(prefix):] in set(rel_names.values())}
+    for name, rel in rel_names.items():
+        g = None if global_lora is None else global_lora.get(name)
+        merged = merged_weight(layers[name], g, adapter_name)
+        W0 = originals[rel].weight.detach().float()
+        if getattr(layers[name], "fan_in_fan_out", False):
+            merged, W0 = merged.T, W0.T
+        U, S, V = dense_top_svd(merged.to(W0.device) - W0, rank)
+        root = S.sqrt()
+        target = new_layers[rel]
+        target.lora_B["default"].weight.copy_(U * root)
+        target.lora_A["default"].weight.copy_(root[:, None] * V.T)
+    # fully trained modules: copy the global values
+    trained = {k: v for k, v in peft_model.named_parameters() if ".modules_to_save." in k}
+    params = dict(exported.named_parameters())
+    for k, v in trained.items():
+        params[k].copy_(v)
+    output_dir = Path(output_dir)
+    exported.save_pretrained(output_dir)
+    return output_dir
+
+
+def model_card(
+    base_model: str,
+    fed_args: Mapping,
+    strategy: Mapping,
+    round_history: list[dict],
+    final_metrics: Mapping[str, float] | None = None,
+) -> str:
+    """A README.md for the Hub: what was trained, how, and how well."""
+    final_metrics = dict(final_metrics or {})
+    evals = [r for r in round_history if "eval_loss" in r]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- federated-learning",
+        "- lora",
+        f"- {strategy.get('strategy', fed_args.get('strategy'))}",
+        "- fedsmooth_hf",
+        f"base_model: {base_model}" if base_model else "",
+        "---",
+        "",
+        f"# Federated fine-tune of {base_model or 'a base model'}",
+        "",
+        f"Trained with [fedsmooth_hf](https://pypi.org/project/fedsmooth_hf/) using **{fed_args.get('strategy')}** "
+        f"over {fed_args.get('num_clients')} clients ({fed_args.get('clients_per_round')} per round), "
+        f"{len([r for r in round_history if r.get('round', 0) > 0 and 'train_loss' in r])} rounds of "
+        f"{fed_args.get('local_steps')} local steps, partition `{fed_args.get('partition')}`. "
+        "The LoRA updates were merged into the base weights: this is a plain model, no adapter needed.",
+        "",
+        "## Federated setup",
+        "",
+        "| argument | value |",
+        "|---|---|",
+    ]
+    for key in ("strategy", "num_clients", "clients_per_round", "num_rounds", "local_steps", "lora_r", "lora_alpha",
+                "use_rslora", "partition", "dirichlet_alpha", "partition_column", "ga_samples", "gamma", "zeta",
+                "zeta_mode", "min_zeta", "seed"):
+        if key in fed_args:
+            lines.append(f"| {key} | {fed_args[key]} |")
+    if evals:
+        lines += ["", "## Evaluation by round", "", "| round | eval_loss |", "|---|---|"]
+        lines += [f"| {r['round']} | {r['eval_loss']:.4f} |" for r in evals]
+    if final_metrics:
+        lines += ["", "## Final metrics", "", "```json", json.dumps(final_metrics, indent=1, sort_keys=True), "```"]
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool | None = None,
+                       commit_message: str = "Upload federated fine-tuned model") -> str:
+    """Create ``repo_id`` if needed and upload ``folder``; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return str(info)
