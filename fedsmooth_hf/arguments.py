@@ -2,7 +2,8 @@
 
 ``TrainingArguments`` keeps meaning what it means in a plain HF script (optimizer,
 learning rate, batch size, accumulation, precision, logging, output_dir); it now
-applies to each client's local round. This dataclass adds the rounds, the
+applies to each client's local round. Its ``seed`` also seeds the federation (the
+partition, client sampling and every local round), so one ``--seed`` fixes a run. This dataclass adds the rounds, the
 clients, LoRA and the algorithm. ``HfArgumentParser((TrainingArguments,
 FederatedArguments))`` reads both from the command line or a JSON/YAML file.
 """
@@ -74,7 +75,6 @@ class FederatedArguments:
         default=None,
         metadata={"help": "Column to split by: the category for 'column', the label for 'dirichlet' (default label/labels)."},
     )
-    seed: int = field(default=42, metadata={"help": "Seed of the partition, client sampling and each local round."})
     save_rounds: int = field(default=0, metadata={"help": "Checkpoint every N rounds (0: only after the last round)."})
     eval_rounds: int = field(default=1, metadata={"help": "Evaluate the global model every N rounds (0: never)."})
     on_client_failure: str = field(

@@ -9,7 +9,8 @@ more events the :class:`~fedsmooth_hf.FederatedTrainer` calls::
     on_client_end(args, state, control, round, client, metrics)
     on_round_end(args, state, control, round, metrics)
 
-``round`` counts from 1 (round 0 is the state before training); ``metrics`` are plain dicts (``train_loss``, ``eval_loss``...).
+``round`` counts from 1; ``on_round_end`` also fires for round 0, the evaluation before
+training (when an eval_dataset is given). ``metrics`` are plain dicts (``train_loss``, ``eval_loss``...).
 """
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ def model_card(
     ]
     for key in ("strategy", "num_clients", "clients_per_round", "num_rounds", "local_steps", "lora_r", "lora_alpha",
                 "use_rslora", "partition", "dirichlet_alpha", "partition_column", "ga_samples", "gamma", "zeta",
-                "zeta_mode", "min_zeta", "seed"):
+                "zeta_mode", "min_zeta"):
         if key in fed_args:
             lines.append(f"| {key} | {fed_args[key]} |")
     if evals:

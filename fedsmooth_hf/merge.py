@@ -19,7 +19,14 @@ from torch import nn
 from .lora_init import lora_scaling
 from .lowrank import factored_norm, stack_factors, truncated_svd
 
-__all__ = ["merge_into_base", "is_quantized", "BaseResidual", "base_residual", "dense_base_weight"]
+__all__ = [
+    "merge_into_base",
+    "is_quantized",
+    "BaseResidual",
+    "base_residual",
+    "dense_base_weight",
+    "keep_quantized_layers_differentiable",
+]
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -75,6 +82,32 @@ class BaseResidual:
 _RESIDUAL_ATTR = "_fedsmooth_base_residual"
 
 
+def keep_quantized_layers_differentiable(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` in eval mode repacks its weight into a
+    layout served by ``gemv_4bit``, which has no autograd kernel: gradients that flow
+    back through such a layer afterwards are silently wrong. Federated rounds alternate
+    evaluation, gradient estimation and training on one model, so the repacking is
+    switched off. Returns the number of layers touched.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def _dequantize(base: nn.Module) -> torch.Tensor:
+    import bitsandbytes.functional as bnbF
+
+    data, state = base.weight.data, base.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = bnbF._convert_weight_packed_for_cpu_inverse(data, state)
+    return bnbF.dequantize_4bit(data, state).float()
+
+
 def base_residual(layer: nn.Module) -> BaseResidual | None:
     """The residual kept beside a quantized layer, if any."""
     return getattr(layer, _RESIDUAL_ATTR, None)
@@ -87,9 +120,7 @@ def dense_base_weight(layer: nn.Module) -> torch.Tensor:
     """
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
     if is_quantized(base):
-        import bitsandbytes.functional as bnbF
-
-        W = bnbF.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+        W = _dequantize(base)
     else:
         W = base.weight.detach().float()
         if getattr(layer, "fan_in_fan_out", False):

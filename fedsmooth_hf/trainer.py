@@ -32,7 +32,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_chec
 from .gradients import estimate_weight_gradients
 from .lora_init import apply_client_start, clear_offsets, get_lora_factors, lora_layers, set_lora_factors
 from .lowrank import factored_norm
-from .merge import base_residual, is_quantized, merge_into_base
+from .merge import base_residual, is_quantized, keep_quantized_layers_differentiable, merge_into_base
 from .partition import partition_dataset, partition_summary
 from .strategies import FederatedStrategy, strategy_from_options
 
@@ -116,8 +116,10 @@ class FederatedTrainer(Trainer):
         fa = self.fed_args
         if args is None:
             args = TrainingArguments(output_dir="fedsmooth_output", report_to="none")
+        self._seed = args.seed
         self.client_datasets = self._resolve_clients(train_dataset, client_datasets)
         model = self._ensure_peft(model)
+        keep_quantized_layers_differentiable(model)
 
         super().__init__(
             model=model,
@@ -158,7 +160,7 @@ class FederatedTrainer(Trainer):
                 train_dataset,
                 fa.num_clients,
                 method=fa.partition,
-                seed=fa.seed,
+                seed=self._seed,
                 partition_column=fa.partition_column,
                 dirichlet_alpha=fa.dirichlet_alpha,
             )
@@ -254,7 +256,7 @@ class FederatedTrainer(Trainer):
         fa = self.fed_args
         if fa.clients_per_round == fa.num_clients:
             return list(range(fa.num_clients))
-        rng = np.random.default_rng([fa.seed, round_idx])
+        rng = np.random.default_rng([self.args.seed, round_idx])
         return sorted(int(c) for c in rng.choice(fa.num_clients, fa.clients_per_round, replace=False))
 
     def round_learning_rate(self, round_idx: int) -> float:
@@ -378,7 +380,7 @@ class FederatedTrainer(Trainer):
     # ------------------------------------------------------------------ the round loop
     def _train_client(self, round_idx: int, client: int, lr: float, ignore_keys_for_eval=None) -> dict:
         fa = self.fed_args
-        seed = _client_round_seed(fa.seed, round_idx, client)
+        seed = _client_round_seed(self.args.seed, round_idx, client)
         set_seed(seed)
         grads = None
         if self.strategy.needs_gradient:
@@ -534,6 +536,7 @@ class FederatedTrainer(Trainer):
         out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         if record:
             self.round_history.append({"round": number, **out})
+            self._fire("on_round_end", round=number, metrics=self.round_history[-1])
         return out
 
     def _check_finite_base(self) -> None:
@@ -564,6 +567,7 @@ class FederatedTrainer(Trainer):
             return None
         state = {
             "fed_args": self.fed_args.to_dict(),
+            "seed": self.args.seed,
             "strategy": self.strategy.describe(),
             "round_history": self.round_history,
             "step_offset": self._step_offset,
@@ -583,6 +587,10 @@ class FederatedTrainer(Trainer):
                     f"checkpoint {path} was written with FederatedArguments.{key}={saved_args[key]!r}, "
                     f"but this run has {value!r}"
                 )
+        if state.get("seed", self.args.seed) != self.args.seed:
+            raise ValueError(
+                f"checkpoint {path} was written with TrainingArguments.seed={state['seed']}, this run has {self.args.seed}"
+            )
         expected = self._model_tensors()
         for key, tensor in model_tensors.items():
             if key.startswith("residual/"):

@@ -75,3 +75,25 @@ def make_counting_dataset(n: int, vocab_size: int = 64, seq_len: int = 12, seed:
         if with_category:
             rows["category"].append(f"c{s % 4}")
     return datasets.Dataset.from_dict(rows)
+
+
+def save_tiny_llama_checkpoint(path, vocab_from_smollm2: bool = True):
+    """A tiny Llama saved with SmolLM2's real tokenizer: what a user's checkpoint dir looks like."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from recipes.offline_assets import smollm2_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    torch.manual_seed(0)
+    # widths are multiples of 64: bitsandbytes 4-bit on CPU quantizes in blocks of 64 inputs
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
