@@ -377,9 +377,29 @@ class FederatedTrainer(Trainer):
             )
         return loss
 
+    def evaluate(self, *args, **kwargs):
+        """Evaluate the current model; under DeepSpeed without a live engine as well.
+
+        Between local rounds no DeepSpeed engine exists. Under ZeRO-1/2 every rank holds
+        whole parameters, so evaluation runs on the plain model (Trainer would otherwise
+        refuse "ZeRO inference" below stage 3); under ZeRO-3 Trainer builds an inference
+        engine, which is released afterwards.
+        """
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if not self.is_deepspeed_enabled or plugin is None:
+            return super().evaluate(*args, **kwargs)
+        plain = plugin.zero_stage < 3
+        if plain:
+            self.is_deepspeed_enabled = False
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            if plain:
+                self.is_deepspeed_enabled = True
+            self._release_engine()
+
     # ------------------------------------------------------------------ the round loop
     def _train_client(self, round_idx: int, client: int, lr: float, ignore_keys_for_eval=None) -> dict:
-        fa = self.fed_args
         seed = _client_round_seed(self.args.seed, round_idx, client)
         set_seed(seed)
         grads = None
