@@ -10,6 +10,13 @@ STAMP  := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -
 .PHONY: demo test test-all lint bench clean
 
 $(STAMP): setup.py Makefile
+	# Offline data from Debian (Fashion-MNIST for the ViT recipe, WordNet to rebuild the shipped
+	# NLG data); skipped with a notice where apt-get is unavailable or we are not root.
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(dpkg -s dataset-fashion-mnist wordnet-base >/dev/null 2>&1 || \
+		 (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist wordnet-base >/dev/null)) \
+		|| echo "note: could not install dataset-fashion-mnist/wordnet-base; the ViT recipe falls back to sklearn digits"; \
+	else echo "note: not root or no apt-get: skipping Debian data packages"; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# CPU build of torch from the local wheel cache; an unpinned torch would pull a CUDA build.

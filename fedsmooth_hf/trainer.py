@@ -129,6 +129,12 @@ class FederatedTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.zero_stage == 3:
+            raise ValueError(
+                "DeepSpeed ZeRO-3 is not supported yet: its partitioned parameters would have to be gathered "
+                "for every client start, upload and merge. Use ZeRO-2 (recipes/configs/zero2.json)."
+            )
         self.layers = lora_layers(self.model, ADAPTER)
         self._check_layer_shapes()
         self._extra_names = [
@@ -382,20 +388,15 @@ class FederatedTrainer(Trainer):
 
         Between local rounds no DeepSpeed engine exists. Under ZeRO-1/2 every rank holds
         whole parameters, so evaluation runs on the plain model (Trainer would otherwise
-        refuse "ZeRO inference" below stage 3); under ZeRO-3 Trainer builds an inference
-        engine, which is released afterwards.
+        refuse "ZeRO inference" below stage 3).
         """
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if not self.is_deepspeed_enabled or plugin is None:
+        if not self.is_deepspeed_enabled:
             return super().evaluate(*args, **kwargs)
-        plain = plugin.zero_stage < 3
-        if plain:
-            self.is_deepspeed_enabled = False
+        self.is_deepspeed_enabled = False
         try:
             return super().evaluate(*args, **kwargs)
         finally:
-            if plain:
-                self.is_deepspeed_enabled = True
+            self.is_deepspeed_enabled = True
             self._release_engine()
 
     # ------------------------------------------------------------------ the round loop

@@ -1,0 +1,206 @@
+"""What does federating cost? FederatedTrainer (K clients x R rounds x S steps) vs one plain Trainer run.
+
+Both runs train the same LoRA model on the same data for the same number of optimizer
+steps (K * R * S), with the same TrainingArguments, in this one process, alternating
+repeats. Printed: wall-clock time of each and their ratio (FedIT and FedSmoothLoRA), the
+part of FedSmoothLoRA spent estimating gradients, and the peak RSS of each phase.
+
+    python benchmarks/overhead.py                 # SmolLM2-135M (real model), ~10 min on 2 cores
+    python benchmarks/overhead.py --quick         # a small Llama from a config, ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
+
+from fedsmooth_hf import FederatedArguments, FederatedTrainer  # noqa: E402
+
+
+class PeakRSS:
+    """Samples this process's RSS every 20 ms while active; `.peak` is the maximum seen."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def __enter__(self):
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def build_model(kind: str):
+    if kind == "smollm2":
+        from recipes.offline_assets import smollm2_checkpoint
+
+        return LlamaForCausalLM.from_pretrained(smollm2_checkpoint())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config)
+
+
+def build_data(n: int, vocab: int, seq_len: int):
+    import datasets
+
+    gen = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, vocab, (n,), generator=gen).tolist()
+    ids = [[(s + i) % vocab for i in range(seq_len)] for s in starts]
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def lora_model(kind: str, r: int):
+    from peft import LoraConfig, get_peft_model
+
+    from fedsmooth_hf.trainer import find_target_modules
+
+    model = build_model(kind)
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=find_target_modules(model)))
+
+
+def training_args(out: str, batch: int) -> TrainingArguments:
+    return TrainingArguments(output_dir=out, per_device_train_batch_size=batch, learning_rate=1e-3,
+                             lr_scheduler_type="constant", logging_steps=10**6, report_to="none", use_cpu=True,
+                             disable_tqdm=True, save_strategy="no", seed=0, dataloader_num_workers=0)
+
+
+def run_plain(kind, data, steps, batch, r, tmp):
+    model = lora_model(kind, r)
+    args = training_args(tmp, batch)
+    args.max_steps = steps
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t0
+    return {"wall_s": wall, "peak_rss_bytes": mem.peak}
+
+
+def run_federated(kind, data, strategy, clients, rounds, local_steps, batch, r, ga_samples, tmp):
+    model = lora_model(kind, r)
+    fed = FederatedArguments(strategy=strategy, num_clients=clients, num_rounds=rounds, local_steps=local_steps,
+                             lora_r=r, lora_alpha=2 * r, ga_samples=ga_samples, ga_batch_size=batch,
+                             eval_rounds=0)
+    trainer = FederatedTrainer(model=model, args=training_args(tmp, batch), fed_args=fed, train_dataset=data)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t0
+    ga = sum(r.get("ga_time_s", 0.0) for r in trainer.round_history)
+    local = sum(r.get("local_train_time_s", 0.0) for r in trainer.round_history)
+    return {"wall_s": wall, "peak_rss_bytes": mem.peak, "ga_time_s": ga, "local_train_time_s": local,
+            "client_state_bytes": trainer.strategy.client_state_bytes()}
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["plain Trainer", "FedIT", "FedSmoothLoRA"]
+    walls = [results["plain"]["wall_s"], results["fedit"]["wall_s"], results["fedsmoothlora"]["wall_s"]]
+    ga = [0.0, 0.0, results["fedsmoothlora"]["ga_time_s"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(labels, [w - g for w, g in zip(walls, ga)], label="training + round overhead", color="#4c72b0")
+    ax.bar(labels, ga, bottom=[w - g for w, g in zip(walls, ga)], label="gradient estimation (GA)", color="#dd8452")
+    for i, w in enumerate(walls):
+        ax.text(i, w, f"{w / walls[0]:.2f}x", ha="center", va="bottom")
+    steps = results["settings"]["total_steps"]
+    ax.set_ylabel("wall clock (s)")
+    ax.set_title(f"{steps} optimizer steps, {results['settings']['model']} (ratio vs plain)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small Llama from a config instead of SmolLM2-135M")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--local_steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=48)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--ga_samples", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/overhead.json"))
+    p.add_argument("--plot", default=str(ROOT / "benchmarks/results/overhead.png"))
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    kind = "tiny-llama" if a.quick else "smollm2"
+    local_steps = a.local_steps or (10 if a.quick else 5)
+    total = a.clients * a.rounds * local_steps
+    vocab = 512 if a.quick else 49152
+    data = build_data(a.clients * max(a.ga_samples, a.batch) * 4, vocab, a.seq_len)
+    tmp = str(ROOT / "benchmarks/results/tmp")
+    results = {"settings": {"model": kind, "clients": a.clients, "rounds": a.rounds, "local_steps": local_steps,
+                            "total_steps": total, "batch": a.batch, "seq_len": a.seq_len, "rank": a.rank,
+                            "ga_samples": a.ga_samples},
+               "machine": machine()}
+    print(f"[overhead] {kind}: {a.clients} clients x {a.rounds} rounds x {local_steps} steps = {total} steps "
+          f"vs a plain Trainer run of {total} steps")
+    results["plain"] = run_plain(kind, data, total, a.batch, a.rank, tmp)
+    results["fedit"] = run_federated(kind, data, "fedit", a.clients, a.rounds, local_steps, a.batch, a.rank,
+                                     a.ga_samples, tmp)
+    results["fedsmoothlora"] = run_federated(kind, data, "fedsmoothlora", a.clients, a.rounds, local_steps,
+                                             a.batch, a.rank, a.ga_samples, tmp)
+    base = results["plain"]["wall_s"]
+    results["ratio_fedit"] = results["fedit"]["wall_s"] / base
+    results["ratio_fedsmoothlora"] = results["fedsmoothlora"]["wall_s"] / base
+    results["ga_share_of_local_training"] = (results["fedsmoothlora"]["ga_time_s"]
+                                             / results["fedsmoothlora"]["local_train_time_s"])
+    mb = 1 / 2**20
+    print(f"{'run':<16}{'wall (s)':>10}{'ratio':>8}{'peak RSS (MiB)':>16}")
+    for name in ("plain", "fedit", "fedsmoothlora"):
+        r = results[name]
+        print(f"{name:<16}{r['wall_s']:>10.2f}{r['wall_s'] / base:>8.3f}{r['peak_rss_bytes'] * mb:>16.0f}")
+    print(f"FedSmoothLoRA gradient estimation: {results['fedsmoothlora']['ga_time_s']:.2f} s = "
+          f"{results['ga_share_of_local_training']:.3f} x its local training time")
+    results["machine"]["note"] = "one process; plain run first, then FedIT, then FedSmoothLoRA"
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=1))
+    plot(results, Path(a.plot))
+    print(f"wrote {a.out} and {a.plot}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
