@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def model_card(
         "- lora",
         f"- {strategy.get('strategy', fed_args.get('strategy'))}",
         "- fedsmooth_hf",
-        f"base_model: {base_model}" if base_model else "",
+        f"base_model: {base_model}" if is_hub_repo_id(base_model) else "",
         "---",
         "",
         f"# Federated fine-tune of {base_model or 'a base model'}",
@@ -213,11 +214,19 @@ def model_card(
 
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool | None = None,
-                       commit_message: str = "Upload federated fine-tuned model") -> str:
-    """Create ``repo_id`` if needed and upload ``folder``; returns the commit URL."""
+                       commit_message: str = "Upload federated fine-tuned model",
+                       ignore_patterns: list[str] | None = None) -> str:
+    """Create ``repo_id`` if needed and upload ``folder`` (minus ``ignore_patterns``); returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                             ignore_patterns=ignore_patterns)
     return str(info)
+
+
+def is_hub_repo_id(name: str) -> bool:
+    """True for ``org/name``-style Hub ids; False for local paths (the Hub rejects those as base_model)."""
+    return bool(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not os.path.isdir(name) \
+        and "--" not in name and ".." not in name

@@ -697,5 +697,7 @@ class FederatedTrainer(Trainer):
         if not self.args.should_save:
             return ""
         repo_id = self.args.hub_model_id or Path(self.args.output_dir).resolve().name
+        # the model and its card only: federated checkpoints stay local
         return push_folder_to_hub(self.args.output_dir, repo_id, token=token or self.args.hub_token,
-                                  private=self.args.hub_private_repo, commit_message=commit_message)
+                                  private=self.args.hub_private_repo, commit_message=commit_message,
+                                  ignore_patterns=["round-*", ".round-*", "checkpoint-*", "_*"])
