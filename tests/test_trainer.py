@@ -124,7 +124,8 @@ def test_rounds_see_different_data_and_clients_are_sampled(tmp_path):
             seen.append(("end", round, client, metrics["train_loss"]))
 
         def on_round_end(self, args, state, control, round, metrics, **kw):
-            seen.append(("round_end", round, metrics["train_loss"]))
+            # round 0 is the evaluation before training: eval metrics, no train_loss
+            seen.append(("round_end", round, metrics.get("train_loss", metrics.get("eval_loss"))))
 
     trainer = _trainer(tmp_path, fed=_fed(strategy="fedit", num_clients=6, clients_per_round=2, num_rounds=3))
     trainer.add_callback(Spy())
@@ -134,7 +135,8 @@ def test_rounds_see_different_data_and_clients_are_sampled(tmp_path):
     assert all(len(r[2]) == 2 for r in rounds)
     assert len({r[2] for r in rounds}) > 1, "seeded sampling should not pick the same pair every round"
     assert sum(1 for e in seen if e[0] == "end") == 6
-    assert seen[-1][0] == "round_end" and math.isfinite(seen[-1][2])
+    ends = [e for e in seen if e[0] == "round_end"]
+    assert [e[1] for e in ends] == [0, 1, 2, 3] and all(math.isfinite(e[2]) for e in ends)
 
 
 def test_client_state_memory_is_factors_only(tmp_path):
