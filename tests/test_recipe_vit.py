@@ -1,0 +1,142 @@
+"""recipes/vit_classification.py end to end: offline default (tiny), --help, config files, any checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "recipes/vit_classification.py"
+TINY = ["--max_train_samples", "120", "--max_eval_samples", "40", "--pretrain_steps", "5", "--num_clients", "3",
+        "--num_rounds", "2", "--local_steps", "2", "--vit_hidden_size", "32", "--vit_layers", "1",
+        "--ga_samples", "8", "--disable_tqdm", "true"]
+
+
+def _run(args, timeout=180):
+    # one thread: tiny models gain nothing from two, and a busy second core would stall them
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, RECIPE, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _check_outputs(out: Path, num_rounds: int, num_classes: int) -> dict:
+    assert (out / "confusion_matrix.png").stat().st_size > 0
+    assert (out / "accuracy_by_round.png").stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    rounds = [r for r in results["accuracy_by_round"] if r["round"] >= 1]
+    assert [r["round"] for r in rounds] == list(range(1, num_rounds + 1))
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in rounds)
+    assert 0.0 <= results["final_accuracy"] <= 1.0
+    assert results["final_accuracy"] == pytest.approx(rounds[-1]["eval_accuracy"])
+    assert np.asarray(results["confusion_matrix"]).shape == (num_classes, num_classes)
+    return results
+
+
+def test_offline_default_end_to_end(tmp_path):
+    proc = _run([*TINY, "--output_dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "No pretrained ViT is available offline: pretraining a small ViT on sklearn digits" in proc.stdout
+    assert "round 2: eval_accuracy=" in proc.stdout
+    results = _check_outputs(tmp_path, num_rounds=2, num_classes=10)
+    assert results["data_source"] in ("fashion-mnist", "sklearn-digits")
+    assert results["settings"]["federated"]["modules_to_save"] == ["classifier"]
+    assert results["settings"]["federated"]["partition"] == "dirichlet"
+
+    from transformers import AutoImageProcessor, ViTForImageClassification
+
+    model = ViTForImageClassification.from_pretrained(tmp_path).eval()
+    assert not any("lora" in k for k in model.state_dict())
+    with torch.no_grad():
+        logits = model(pixel_values=torch.rand(3, 1, 28, 28)).logits
+    assert logits.shape == (3, 10)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    from PIL import Image
+
+    image = Image.fromarray((np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8), mode="L")
+    assert tuple(processor(image, return_tensors="pt")["pixel_values"].shape) == (1, 1, 28, 28)
+
+
+def test_help_lists_all_argument_groups():
+    proc = _run(["--help"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for flag in ("--strategy", "--pretrain_steps", "--learning_rate", "--model_name_or_path", "--num_clients"):
+        assert flag in proc.stdout
+
+
+def _recipe():
+    sys.path.insert(0, str(ROOT))
+    from recipes import vit_classification
+
+    return vit_classification
+
+
+def test_defaults_are_overridable_from_the_command_line_and_config_files(tmp_path):
+    recipe = _recipe()  # importing parses nothing
+    args, fed, va = recipe.parse_args([])
+    assert args.output_dir.endswith("vit_fashion_mnist") and args.report_to == []
+    assert fed.modules_to_save == ["classifier"] and fed.partition == "dirichlet" and va.model_name_or_path is None
+    args, fed, va = recipe.parse_args(["--learning_rate", "1e-3", "--strategy", "fedit", "--patch_size", "4"])
+    assert args.learning_rate == 1e-3 and fed.strategy == "fedit" and va.patch_size == 4
+    assert args.per_device_train_batch_size == recipe.DEFAULTS["per_device_train_batch_size"]
+
+    cfg = {"output_dir": str(tmp_path / "o"), "strategy": "flexlora", "num_rounds": 3, "pretrain_steps": 7}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    (tmp_path / "c.yaml").write_text("".join(f"{k}: {v}\n" for k, v in cfg.items()))
+    for name in ("c.json", "c.yaml"):
+        args, fed, va = recipe.parse_args([str(tmp_path / name)])
+        assert (args.output_dir, fed.strategy, fed.num_rounds, va.pretrain_steps) == (str(tmp_path / "o"), "flexlora",
+                                                                                      3, 7)
+        assert fed.modules_to_save == ["classifier"]  # recipe defaults still apply under the file
+
+
+def _tiny_checkpoint_and_image_folder(root: Path):
+    """A saved 3-channel ViT with its processor, and an image folder of 3 colour classes (train/test)."""
+    import transformers
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 6)):
+        for channel, name in enumerate(("red", "green", "blue")):
+            folder = root / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = (rng.random((20, 24, 3)) * 80).astype(np.uint8)
+                pixels[..., channel] += 150
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=4, num_labels=5)  # head size != 3 classes
+    ViTForImageClassification(config).save_pretrained(root / "ckpt")
+    processor_cls = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor
+    processor_cls(size={"height": 16, "width": 16}).save_pretrained(root / "ckpt")
+
+
+def test_any_checkpoint_on_an_image_folder_from_a_json_config(tmp_path):
+    recipe = _recipe()
+    _tiny_checkpoint_and_image_folder(tmp_path)
+    out = tmp_path / "out"
+    cfg = {"model_name_or_path": str(tmp_path / "ckpt"), "dataset_name": "imagefolder",
+           "train_dir": str(tmp_path / "images"), "output_dir": str(out), "num_clients": 2, "num_rounds": 2,
+           "local_steps": 3, "lora_r": 4, "ga_samples": 8, "partition": "iid", "disable_tqdm": True,
+           "use_cpu": True}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = recipe.main([str(tmp_path / "cfg.json")])
+    finally:
+        torch.set_num_threads(threads)
+    _check_outputs(out, num_rounds=2, num_classes=3)
+    assert results["class_names"] == ["blue", "green", "red"]
+
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(out).eval()
+    assert model.config.num_labels == 3 and model.config.id2label[0] == "blue"
+    assert AutoImageProcessor.from_pretrained(out).size == {"height": 16, "width": 16}
