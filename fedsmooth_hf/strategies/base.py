@@ -129,6 +129,24 @@ def product_sum(
     return out
 
 
+def truncated_product_mean(
+    uploads: Mapping[int, ModuleFactors], weights: Mapping[int, float], rank: int
+) -> ModuleFactors:
+    """``SVD_r(sum_c w_c B_c A_c)`` per module: the full-rank aggregate projected to rank r, exactly."""
+    from ..lowrank import truncated_svd
+
+    clients = list(uploads)
+    return {
+        name: truncated_svd(
+            [uploads[c][name][0] for c in clients],
+            [uploads[c][name][1] for c in clients],
+            rank,
+            [weights[c] for c in clients],
+        )
+        for name in uploads[clients[0]]
+    }
+
+
 class FederatedStrategy:
     """Base class: holds the initial adapter and implements the shared bookkeeping.
 

@@ -29,6 +29,7 @@ from .base import (
     ModuleFactors,
     ServerUpdate,
     flatten_factors,
+    truncated_product_mean,
     unflatten_factors,
 )
 from .registry import register_strategy
@@ -135,16 +136,7 @@ class FedSmoothLoRA(FederatedStrategy):
 
     def aggregate(self, uploads: Mapping[int, ModuleFactors], weights: Mapping[int, float]) -> ServerUpdate:
         w = self._validated(uploads, weights)
-        clients = list(uploads)
-        self._server = {
-            name: truncated_svd(
-                [uploads[c][name][0] for c in clients],
-                [uploads[c][name][1] for c in clients],
-                self.rank,
-                [w[c] for c in clients],
-            )
-            for name in self.init_lora
-        }
+        self._server = truncated_product_mean(uploads, w, self.rank)
         return ServerUpdate(merge=self._server, global_lora=None)
 
     # -- persistence -----------------------------------------------------------------

@@ -6,8 +6,7 @@ form; clients start the next round from it.
 
 from __future__ import annotations
 
-from ..lowrank import truncated_svd
-from .base import GlobalAdapterStrategy, ServerUpdate
+from .base import GlobalAdapterStrategy, ServerUpdate, truncated_product_mean
 from .registry import register_strategy
 
 
@@ -17,14 +16,5 @@ class FlexLoRA(GlobalAdapterStrategy):
 
     def aggregate(self, uploads, weights):
         w = self._validated(uploads, weights)
-        clients = list(uploads)
-        self._global = {
-            name: truncated_svd(
-                [uploads[c][name][0] for c in clients],
-                [uploads[c][name][1] for c in clients],
-                self.rank,
-                [w[c] for c in clients],
-            )
-            for name in self.init_lora
-        }
+        self._global = truncated_product_mean(uploads, w, self.rank)
         return ServerUpdate(merge={}, global_lora=self._global)
