@@ -69,7 +69,7 @@ class FederatedProgressCallback(FederatedCallback):
 
     def on_round_end(self, args, state, control, round, metrics, **kwargs):
         if self.bar is not None and "eval_loss" in metrics:
-            self.bar.write(f"round {round}: eval_loss={metrics['eval_loss']:.4f}")
+            self.bar.set_postfix(eval_loss=f"{metrics['eval_loss']:.4f}")
 
     def on_train_end(self, args, state, control, **kwargs):
         # Trainer fires this after every local round; the bar lives until `close()`.

@@ -12,6 +12,7 @@ is LoRA factors.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -168,6 +169,7 @@ class FederatedTrainer(Trainer):
                 method=fa.partition,
                 seed=self._seed,
                 partition_column=fa.partition_column,
+                label_column=fa.partition_column or "label",
                 dirichlet_alpha=fa.dirichlet_alpha,
             )
             logger.info("client partition (%s):\n%s", fa.partition, partition_summary(clients, fa.partition_column))
@@ -300,7 +302,9 @@ class FederatedTrainer(Trainer):
             self.deepspeed.destroy() if hasattr(self.deepspeed, "destroy") else None
             self.deepspeed = None
         self.model_wrapped = self.model
-        self.accelerator.free_memory()
+        if self.is_deepspeed_enabled:
+            # drop the engine now; otherwise the next local round's own free_memory() does it
+            self.accelerator.free_memory()
 
     def _calibration_batches(self, client: int, seed: int):
         fa = self.fed_args
@@ -459,6 +463,10 @@ class FederatedTrainer(Trainer):
             self._progress = FederatedProgressCallback(total, initial=start_round * fa.clients_per_round)
             self.add_callback(self._progress)
         t_start = time.perf_counter()
+        # Trainer runs a full gc.collect() at every local round; freezing the long-lived
+        # objects (imports, datasets, model) keeps that from costing ~0.3 s per client round.
+        gc.collect()
+        gc.freeze()
         try:
             if start_round == 0 and self._eval_due(-1):
                 self._evaluate_round(0, ignore_keys_for_eval, record=True)
@@ -471,6 +479,7 @@ class FederatedTrainer(Trainer):
                 self._progress = None
             self._round_ctx = None
             self.state.log_history = list(self._log_history)
+            gc.unfreeze()
         last = self.round_history[-1] if self.round_history else {}
         metrics = {"train_runtime": time.perf_counter() - t_start, "rounds": fa.num_rounds}
         metrics.update({k: v for k, v in last.items() if isinstance(v, float)})

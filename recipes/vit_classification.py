@@ -1,6 +1,6 @@
 """Federated LoRA fine-tuning of an image classifier with FedSmoothLoRA (or a baseline).
 
-    python recipes/vit_classification.py                          # offline default, ~4 min on 2 CPU cores
+    python recipes/vit_classification.py                          # offline default, ~3 min on 2 CPU cores
     accelerate launch recipes/vit_classification.py --strategy fedit --num_rounds 20
     python recipes/vit_classification.py --model_name_or_path google/vit-base-patch16-224-in21k \\
         --dataset_name cifar10 --image_column img --num_clients 20 --num_rounds 50 --bf16
@@ -18,7 +18,9 @@ recipe first pretrains a small ViT on a disjoint source task, scikit-learn's bun
 it and fine-tunes it federatedly on Fashion-MNIST (Debian's ``dataset-fashion-mnist``), split
 non-IID over 10 clients by a Dirichlet(0.5) draw over the labels. It prints the global model's
 accuracy every round and writes the merged model, ``results.json``, ``confusion_matrix.png`` and
-``accuracy_by_round.png``.
+``accuracy_by_round.png``. Measured: ~75% accuracy (chance 10%) in ~3 min on 2 CPU cores, half of it
+the source-task pretraining. On a machine whose cores are busy with other work, ``OMP_NUM_THREADS=1``
+avoids the thread oversubscription that slows small models down many times over.
 """
 
 from __future__ import annotations
@@ -504,6 +506,7 @@ def plot_accuracy_by_round(history: list[dict], chance: float, path: Path, title
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     points = [(r["round"], r["eval_accuracy"]) for r in history if "eval_accuracy" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -513,7 +516,8 @@ def plot_accuracy_by_round(history: list[dict], chance: float, path: Path, title
     ax.set_xlabel("round (0 = before federated training)")
     ax.set_ylabel("eval accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -580,7 +584,8 @@ def main(argv: list[str] | None = None) -> dict:
         plot_confusion_matrix(cm, class_names, cm_path, f"{source}, {fed_args.strategy}: accuracy {accuracy:.3f}")
         chance = 1.0 / len(class_names)
         plot_accuracy_by_round(trainer.round_history, chance, acc_path,
-                               f"{name} on {source}: {fed_args.strategy}, {fed_args.num_clients} clients")
+                               f"{name} on {source}\n{fed_args.strategy}, {fed_args.num_clients} clients "
+                               f"({fed_args.partition}), {fed_args.num_rounds} rounds x {fed_args.local_steps} steps")
         results = {
             "final_accuracy": accuracy,
             "final_eval_loss": float(output.metrics.get("test_loss", float("nan"))),
