@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-all lint clean
 
 $(STAMP): setup.py Makefile
 	# Offline data from Debian (Fashion-MNIST for the ViT recipe, WordNet to rebuild the shipped
@@ -38,9 +38,6 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fedsmooth_hf tests recipes benchmarks
-
-bench: $(STAMP)
-	$(PY) benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
