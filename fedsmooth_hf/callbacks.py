@@ -15,10 +15,12 @@ training (when an eval_dataset is given). ``metrics`` are plain dicts (``train_l
 
 from __future__ import annotations
 
+import math
+
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-__all__ = ["FederatedCallback", "FederatedProgressCallback", "ROUND_EVENTS"]
+__all__ = ["FederatedCallback", "FederatedProgressCallback", "RoundPrinterCallback", "ROUND_EVENTS"]
 
 ROUND_EVENTS = ("on_round_begin", "on_client_begin", "on_client_end", "on_round_end")
 
@@ -79,3 +81,27 @@ class FederatedProgressCallback(FederatedCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class RoundPrinterCallback(FederatedCallback):
+    """Prints one line per round, ``[round k] eval_accuracy=... eval_loss=...``, above the progress bar.
+
+    Args:
+        keys: metrics to show, in order, when a round has them.
+        perplexity: also show ``exp(eval_loss)`` (language models).
+    """
+
+    def __init__(self, keys=("eval_accuracy", "eval_loss", "train_loss"), perplexity: bool = False):
+        self.keys = tuple(keys)
+        self.perplexity = perplexity
+
+    def on_round_end(self, args, state, control, round, metrics, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        parts = [f"[round {round}]"]
+        parts += [f"{k}={metrics[k]:.4f}" for k in self.keys if k in metrics]
+        if self.perplexity and "eval_loss" in metrics:
+            parts.append(f"perplexity={math.exp(metrics['eval_loss']):.2f}")
+        if "round_time_s" in metrics:
+            parts.append(f"({metrics['round_time_s']:.1f} s)")
+        tqdm.write(" ".join(parts))

@@ -17,7 +17,6 @@ one generation before and after training, and saves the merged model.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,8 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from fedsmooth_hf import FederatedArguments, FederatedCallback, FederatedTrainer  # noqa: E402
+from fedsmooth_hf import FederatedArguments, FederatedTrainer
+from fedsmooth_hf.callbacks import RoundPrinterCallback  # noqa: E402
 from fedsmooth_hf.partition import partition_summary  # noqa: E402
 
 PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -216,20 +216,6 @@ class PadCollator:
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
 
-class PrintRounds(FederatedCallback):
-    """One line per round: the global model's eval loss and perplexity."""
-
-    def on_round_end(self, args, state, control, round, metrics, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        line = f"[round {round}]"
-        if "train_loss" in metrics:
-            line += f" train_loss={metrics['train_loss']:.4f}"
-        if "eval_loss" in metrics:
-            line += f" eval_loss={metrics['eval_loss']:.4f} perplexity={math.exp(metrics['eval_loss']):.2f}"
-        print(line, flush=True)
-
-
 @torch.no_grad()
 def generate(trainer: FederatedTrainer, tokenizer, md: ModelDataArguments) -> str:
     """Greedy generation by the current global model."""
@@ -266,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=eval_ds.remove_columns([c for c in eval_ds.column_names if c == "category"]),
         data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[PrintRounds()],
+        callbacks=[RoundPrinterCallback(keys=("train_loss", "eval_loss"), perplexity=True)],
     )
     main_proc = trainer.is_world_process_zero()
     if main_proc:

@@ -49,7 +49,8 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-from fedsmooth_hf import FederatedArguments, FederatedCallback, FederatedTrainer  # noqa: E402
+from fedsmooth_hf import FederatedArguments, FederatedTrainer
+from fedsmooth_hf.callbacks import RoundPrinterCallback  # noqa: E402
 from fedsmooth_hf.partition import partition_summary  # noqa: E402
 
 # Sizes of the offline default when --max_train_samples / --max_eval_samples are not given.
@@ -168,27 +169,6 @@ def compute_accuracy(eval_pred) -> dict:
     """Top-1 accuracy, computed locally (no `evaluate.load`, which needs the Hub)."""
     logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
     return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(eval_pred.label_ids)).mean())}
-
-
-class PrintRounds(FederatedCallback):
-    """One line per round: the global model's eval accuracy and loss."""
-
-    def on_round_end(self, args, state, control, round, metrics, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        from tqdm.auto import tqdm
-
-        line = f"round {round}:"
-        if "eval_accuracy" in metrics:
-            line += f" eval_accuracy={metrics['eval_accuracy']:.4f}"
-        if "eval_loss" in metrics:
-            line += f" eval_loss={metrics['eval_loss']:.4f}"
-        if "train_loss" in metrics:
-            line += f" train_loss={metrics['train_loss']:.4f}"
-        if "round_time_s" in metrics:
-            line += f" ({metrics['round_time_s']:.1f} s)"
-        tqdm.write(line)  # keeps the federated progress bar intact
-        sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------- offline default
@@ -547,7 +527,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=default_data_collator,
         processing_class=processor,
         compute_metrics=compute_accuracy,
-        callbacks=[PrintRounds()],
+        callbacks=[RoundPrinterCallback(keys=("eval_accuracy", "eval_loss", "train_loss"))],
     )
     if main_proc:
         print(f"[recipe] {len(train_ds)} training images over {fed_args.num_clients} clients "

@@ -41,7 +41,7 @@ def test_offline_default_end_to_end(tmp_path):
     proc = _run([*TINY, "--output_dir", str(tmp_path)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "No pretrained ViT is available offline: pretraining a small ViT on sklearn digits" in proc.stdout
-    assert "round 2: eval_accuracy=" in proc.stdout
+    assert "[round 2] eval_accuracy=" in proc.stdout
     results = _check_outputs(tmp_path, num_rounds=2, num_classes=10)
     assert results["data_source"] in ("fashion-mnist", "sklearn-digits")
     assert results["settings"]["federated"]["modules_to_save"] == ["classifier"]
