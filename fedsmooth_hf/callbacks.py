@@ -73,10 +73,6 @@ class FederatedProgressCallback(FederatedCallback):
         if self.bar is not None and "eval_loss" in metrics:
             self.bar.set_postfix(eval_loss=f"{metrics['eval_loss']:.4f}")
 
-    def on_train_end(self, args, state, control, **kwargs):
-        # Trainer fires this after every local round; the bar lives until `close()`.
-        pass
-
     def close(self):
         if self.bar is not None:
             self.bar.close()

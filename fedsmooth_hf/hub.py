@@ -26,9 +26,9 @@ __all__ = ["merged_state_dict", "save_merged_model", "export_lora_adapter", "mod
 Factors = tuple[torch.Tensor, torch.Tensor]
 
 
-def _peft_prefix(peft_model: nn.Module) -> str:
-    """Module names of a PeftModel start with this before the base model's own names."""
-    return "base_model.model."
+def _base_name(name: str) -> str:
+    """A PeftModel module name as the base architecture names it (``base_model.model.`` dropped)."""
+    return name.removeprefix("base_model.model.")
 
 
 @torch.no_grad()
@@ -58,22 +58,21 @@ def merged_state_dict(
     the dtype of each layer's base weight, fp16 for a quantized base).
     """
     base = peft_model.get_base_model()
-    prefix = _peft_prefix(peft_model)
+    adapted = {_base_name(name) for name in layers}
     sd = {}
     for key, value in base.state_dict().items():
         if ".lora_" in key or ".original_module." in key or "lora_magnitude" in key:
             continue
         key = key.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter_name}.", ".")
+        owner, sep, _ = key.partition(".weight.")
+        if sep and owner in adapted:
+            continue  # bitsandbytes quantization state stored under the weight's name: not in a dense export
         sd[key] = value
     for name, layer in layers.items():
-        rel = name[len(prefix):] if name.startswith(prefix) else name
         base_layer = layer.get_base_layer()
         target = dtype or (torch.float16 if is_quantized(base_layer) else base_layer.weight.dtype)
         g = None if global_lora is None else global_lora.get(name)
-        sd[f"{rel}.weight"] = merged_weight(layer, g, adapter_name).to(target).cpu().contiguous()
-        # bitsandbytes keeps quantization state tensors under the weight's name: not part of a dense export
-        for k in [k for k in sd if k.startswith(f"{rel}.weight.")]:
-            del sd[k]
+        sd[f"{_base_name(name)}.weight"] = merged_weight(layer, g, adapter_name).to(target).cpu().contiguous()
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     return sd
@@ -126,8 +125,7 @@ def export_lora_adapter(
     """
     from peft import LoraConfig, get_peft_model
 
-    prefix = _peft_prefix(peft_model)
-    rel_names = {name: name[len(prefix):] if name.startswith(prefix) else name for name in layers}
+    rel_names = {name: _base_name(name) for name in layers}
     originals = dict(original_model.named_modules())
     for name, rel in rel_names.items():
         if rel not in originals:
@@ -143,8 +141,8 @@ def export_lora_adapter(
         init_lora_weights=True,
     )
     exported = get_peft_model(original_model, config)
-    new_layers = {n[len(prefix):]: m for n, m in exported.named_modules()
-                  if n.startswith(prefix) and n[len(prefix):] in set(rel_names.values())}
+    wanted = set(rel_names.values())
+    new_layers = {_base_name(n): m for n, m in exported.named_modules() if _base_name(n) in wanted}
     for name, rel in rel_names.items():
         g = None if global_lora is None else global_lora.get(name)
         merged = merged_weight(layers[name], g, adapter_name)

@@ -24,6 +24,7 @@ __all__ = [
     "is_quantized",
     "BaseResidual",
     "base_residual",
+    "ensure_base_residual",
     "dense_base_weight",
     "keep_quantized_layers_differentiable",
 ]
@@ -51,7 +52,7 @@ class BaseResidual:
         self.B: torch.Tensor | None = None
         self.A: torch.Tensor | None = None
         self.discarded_norm = 0.0
-        self._handle = layer.register_forward_hook(self._hook)
+        layer.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output):
         if self.B is None:
@@ -75,11 +76,10 @@ class BaseResidual:
     def dense(self) -> torch.Tensor | None:
         return None if self.B is None else self.B @ self.A
 
-    def remove(self) -> None:
-        self._handle.remove()
-
 
 _RESIDUAL_ATTR = "_fedsmooth_base_residual"
+#: rank at which a quantized layer's residual is re-compressed (exact truncated SVD)
+RESIDUAL_MAX_RANK = 256
 
 
 def keep_quantized_layers_differentiable(model: nn.Module) -> int:
@@ -113,6 +113,15 @@ def base_residual(layer: nn.Module) -> BaseResidual | None:
     return getattr(layer, _RESIDUAL_ATTR, None)
 
 
+def ensure_base_residual(layer: nn.Module, max_rank: int = RESIDUAL_MAX_RANK) -> BaseResidual:
+    """The layer's residual, attached (with its forward hook) on first use."""
+    res = base_residual(layer)
+    if res is None:
+        res = BaseResidual(layer, max_rank)
+        setattr(layer, _RESIDUAL_ATTR, res)
+    return res
+
+
 def dense_base_weight(layer: nn.Module) -> torch.Tensor:
     """The layer's effective base weight ``(d_out, d_in)`` in fp32: dequantized + residual.
 
@@ -136,12 +145,13 @@ def merge_into_base(
     layers: Mapping[str, nn.Module],
     merge: Mapping[str, Factors],
     adapter_name: str = "default",
-    residual_max_rank: int = 256,
+    residual_max_rank: int = RESIDUAL_MAX_RANK,
 ) -> None:
     """``W += s * B @ A`` for every ``name -> (B, A)`` in ``merge`` (LoRA units, any rank).
 
     Raises ``ValueError`` naming the module if a factor is non-finite: nothing
-    non-finite is ever merged.
+    non-finite is ever merged. A dense weight that overflows in the add raises
+    ``FloatingPointError`` naming the module.
     """
     for name, (B, A) in merge.items():
         if name not in layers:
@@ -152,11 +162,7 @@ def merge_into_base(
         s = lora_scaling(layer, adapter_name)
         base = layer.get_base_layer()
         if is_quantized(base):
-            res = base_residual(layer)
-            if res is None:
-                res = BaseResidual(layer, residual_max_rank)
-                setattr(layer, _RESIDUAL_ATTR, res)
-            res.add(s * B, A)
+            ensure_base_residual(layer, residual_max_rank).add(s * B, A)
             continue
         W = base.weight
         Bw = B.to(device=W.device, dtype=torch.float32)
@@ -171,3 +177,5 @@ def merge_into_base(
             # Half-precision base: add in fp32, round once.
             update = s * (Aw.T @ Bw.T if delta_t else Bw @ Aw)
             W.copy_((W.float() + update).to(W.dtype))
+        if not torch.isfinite(W).all():
+            raise FloatingPointError(f"base weight of '{name}' became non-finite after the merge")

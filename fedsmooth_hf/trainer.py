@@ -31,9 +31,22 @@ from .arguments import FederatedArguments
 from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .gradients import estimate_weight_gradients
-from .lora_init import apply_client_start, clear_offsets, get_lora_factors, lora_layers, set_lora_factors
+from .lora_init import (
+    apply_client_start,
+    clear_offsets,
+    get_lora_factors,
+    lora_layers,
+    set_lora_factors,
+    set_offsets,
+)
 from .lowrank import factored_norm
-from .merge import base_residual, is_quantized, keep_quantized_layers_differentiable, merge_into_base
+from .merge import (
+    base_residual,
+    ensure_base_residual,
+    is_quantized,
+    keep_quantized_layers_differentiable,
+    merge_into_base,
+)
 from .partition import partition_dataset, partition_summary
 from .strategies import FederatedStrategy, strategy_from_options
 
@@ -73,9 +86,7 @@ def find_target_modules(model: nn.Module, exclude: Sequence[str] = ()) -> list[s
         if not isinstance(module, nn.Linear) or id(module) in head_ids:
             continue
         last = name.rsplit(".", 1)[-1]
-        if name in _HEAD_NAMES or last in exclude or name in exclude:
-            continue
-        if any(name.startswith(f"{h}.") or name == h for h in exclude):
+        if name in _HEAD_NAMES or last in exclude or any(name == h or name.startswith(f"{h}.") for h in exclude):
             continue
         names.append(name)
     return names
@@ -117,8 +128,7 @@ class FederatedTrainer(Trainer):
         fa = self.fed_args
         if args is None:
             args = TrainingArguments(output_dir="fedsmooth_output", report_to="none")
-        self._seed = args.seed
-        self.client_datasets = self._resolve_clients(train_dataset, client_datasets)
+        self.client_datasets = self._resolve_clients(train_dataset, client_datasets, args.seed)
         model = self._ensure_peft(model)
         keep_quantized_layers_differentiable(model)
 
@@ -137,13 +147,13 @@ class FederatedTrainer(Trainer):
                 "for every client start, upload and merge. Use ZeRO-2 (recipes/configs/zero2.json)."
             )
         self.layers = lora_layers(self.model, ADAPTER)
+        self.strategy: FederatedStrategy = strategy_from_options(
+            fa.strategy, {**fa.strategy_options(), "rank": self.lora_rank}
+        )
         self._check_layer_shapes()
         self._extra_names = [
             n for n, p in self.model.named_parameters() if p.requires_grad and not self._is_lora_param(n)
         ]
-        self.strategy: FederatedStrategy = strategy_from_options(
-            fa.strategy, {**fa.strategy_options(), "rank": self.lora_rank}
-        )
         self.strategy.setup(get_lora_factors(self.layers, ADAPTER))
         self._check_ga_samples()
         self.round_history: list[dict] = []
@@ -154,7 +164,7 @@ class FederatedTrainer(Trainer):
         self._replace_progress_bar()
 
     # ------------------------------------------------------------------ construction
-    def _resolve_clients(self, train_dataset, client_datasets) -> list:
+    def _resolve_clients(self, train_dataset, client_datasets, seed: int) -> list:
         fa = self.fed_args
         if client_datasets is not None:
             clients = list(client_datasets)
@@ -167,7 +177,7 @@ class FederatedTrainer(Trainer):
                 train_dataset,
                 fa.num_clients,
                 method=fa.partition,
-                seed=self._seed,
+                seed=seed,
                 partition_column=fa.partition_column,
                 label_column=fa.partition_column or "label",
                 dirichlet_alpha=fa.dirichlet_alpha,
@@ -219,20 +229,16 @@ class FederatedTrainer(Trainer):
         return int(self.model.peft_config[ADAPTER].r)
 
     def _check_layer_shapes(self) -> None:
-        need = 2 * self.lora_rank if self._needs_gradient() else self.lora_rank
+        gradient_aligned = self.strategy.needs_gradient
+        need = 2 * self.lora_rank if gradient_aligned else self.lora_rank
+        what = "2 * lora_r" if gradient_aligned else "lora_r"
         for name, layer in self.layers.items():
             d_out, d_in = layer.out_features, layer.in_features
             if need > min(d_out, d_in):
-                what = "2 * lora_r" if self._needs_gradient() else "lora_r"
                 raise ValueError(
                     f"lora_r={self.lora_rank} is too large for layer '{name}' ({d_out}x{d_in}): "
                     f"{what} must be <= {min(d_out, d_in)}"
                 )
-
-    def _needs_gradient(self) -> bool:
-        from .strategies.registry import strategy_class
-
-        return strategy_class(self.fed_args.strategy).needs_gradient
 
     def _check_ga_samples(self) -> None:
         if not self.strategy.needs_gradient:
@@ -298,8 +304,10 @@ class FederatedTrainer(Trainer):
         """Drop the optimizer, scheduler and any DeepSpeed/DDP wrapper of the last local round."""
         self.optimizer = None
         self.lr_scheduler = None
-        if getattr(self, "deepspeed", None) is not None:
-            self.deepspeed.destroy() if hasattr(self.deepspeed, "destroy") else None
+        engine = getattr(self, "deepspeed", None)
+        if engine is not None:
+            if hasattr(engine, "destroy"):
+                engine.destroy()
             self.deepspeed = None
         self.model_wrapped = self.model
         if self.is_deepspeed_enabled:
@@ -321,15 +329,10 @@ class FederatedTrainer(Trainer):
             yield self._prepare_inputs(batch)
 
     def _estimate_gradients(self, client: int, seed: int, point) -> dict[str, torch.Tensor]:
+        """dL/dW of every adapted layer at the global model shifted by ``s * point`` (if any)."""
+        self._load_global_adapter()
         if point is not None:
-            clear_offsets(self.layers)
-            set_lora_factors(self.layers, {n: (torch.zeros_like(B), torch.zeros_like(A))
-                                           for n, (B, A) in self.strategy.init_lora.items()}, ADAPTER)
-            from .lora_init import set_offsets
-
             set_offsets(self.layers, point, ADAPTER)
-        else:
-            self._load_global_adapter()
         reduce_fn = (lambda g: self.accelerator.reduce(g, "mean")) if self.args.world_size > 1 else None
         try:
             return estimate_weight_gradients(
@@ -533,7 +536,6 @@ class FederatedTrainer(Trainer):
         total = sum(weights.values())
         self._set_extras({k: v / total for k, v in extra_sum.items()} if extra_sum else global_extras)
         self._load_global_adapter()
-        self._check_finite_base()
         record = {
             "round": number,
             "clients": clients,
@@ -568,12 +570,6 @@ class FederatedTrainer(Trainer):
             self.round_history.append({"round": number, **out})
             self._fire("on_round_end", round=number, metrics=self.round_history[-1])
         return out
-
-    def _check_finite_base(self) -> None:
-        for name, layer in self.layers.items():
-            base = layer.get_base_layer()
-            if not is_quantized(base) and not torch.isfinite(base.weight).all():
-                raise FloatingPointError(f"base weight of '{name}' became non-finite after the merge")
 
     # ------------------------------------------------------------------ checkpoints
     def _model_tensors(self) -> dict[str, torch.Tensor]:
@@ -640,11 +636,8 @@ class FederatedTrainer(Trainer):
             if key in model_tensors:
                 layer.get_base_layer().weight.copy_(model_tensors[key])
             elif f"residual/{name}/B" in model_tensors:
-                from .merge import _RESIDUAL_ATTR, BaseResidual
-
-                res = base_residual(layer) or BaseResidual(layer, 256)
+                res = ensure_base_residual(layer)
                 res.B, res.A = model_tensors[f"residual/{name}/B"], model_tensors[f"residual/{name}/A"]
-                setattr(layer, _RESIDUAL_ATTR, res)
         self._set_extras({k[len("extra/"):]: v for k, v in model_tensors.items() if k.startswith("extra/")})
         self.strategy.load_state_dict(strategy_tensors)
         self.round_history = list(state.get("round_history", []))

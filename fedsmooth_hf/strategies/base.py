@@ -182,7 +182,7 @@ class FederatedStrategy:
 
     # -- client side -----------------------------------------------------------------
     def gradient_point(self, client: int) -> ModuleFactors | None:
-        """Low-rank offset (LoRA units) at which the client's gradient is estimated; None = at W."""
+        """Low-rank offset (LoRA units) added to the global model where the client's gradient is taken; None = none."""
         return None
 
     def client_start(self, client: int, grads: Mapping[str, torch.Tensor] | None = None) -> ClientStart:
