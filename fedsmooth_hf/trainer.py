@@ -655,13 +655,12 @@ class FederatedTrainer(Trainer):
         tensors = {}
         for name, layer in self.layers.items():
             base = layer.get_base_layer()
-            if is_quantized(base):
-                res = base_residual(layer)
-                if res is not None and res.B is not None:
-                    tensors[f"residual/{name}/B"] = res.B
-                    tensors[f"residual/{name}/A"] = res.A
-            else:
+            if not is_quantized(base):
                 tensors[f"base/{name}"] = base.weight.detach()
+            res = base_residual(layer)
+            if res is not None and res.B is not None:
+                tensors[f"residual/{name}/B"] = res.B
+                tensors[f"residual/{name}/A"] = res.A
         for n, v in self._extras().items():
             tensors[f"extra/{n}"] = v
         return tensors
@@ -720,9 +719,11 @@ class FederatedTrainer(Trainer):
             key = f"base/{name}"
             if key in model_tensors:
                 layer.get_base_layer().weight.copy_(model_tensors[key])
-            elif f"residual/{name}/B" in model_tensors:
+            if f"residual/{name}/B" in model_tensors:
                 res = ensure_base_residual(layer)
-                res.B, res.A = model_tensors[f"residual/{name}/B"], model_tensors[f"residual/{name}/A"]
+                device = layer.get_base_layer().weight.device
+                res.B = model_tensors[f"residual/{name}/B"].to(device)
+                res.A = model_tensors[f"residual/{name}/A"].to(device)
         self._set_extras({k[len("extra/"):]: v for k, v in model_tensors.items() if k.startswith("extra/")})
         self.strategy.load_state_dict(strategy_tensors)
         self.round_history = list(state.get("round_history", []))
