@@ -332,6 +332,13 @@ class FederatedTrainer(Trainer):
         self.lr_scheduler = None
         engine = getattr(self, "deepspeed", None)
         if engine is not None:
+            # DeepSpeedEngine.destroy() leaves its forward hooks on our model; each would keep
+            # a dead engine alive (and running) for the rest of the federated run
+            for attr in ("module_forward_pre_hook", "module_forward_post_hook"):
+                handle = getattr(engine, attr, None)
+                if handle is not None:
+                    handle.remove()
+                    setattr(engine, attr, None)
             if hasattr(engine, "destroy"):
                 engine.destroy()
             self.deepspeed = None

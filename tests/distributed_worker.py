@@ -8,6 +8,7 @@ compare ranks with each other and with a single-process run of the same seed.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -47,6 +48,16 @@ def rss_mib() -> float:
     return float("nan")
 
 
+def live_deepspeed_engines() -> int:
+    """DeepSpeed engines still alive (a released local round's engine must be collectable)."""
+    if "deepspeed" not in sys.modules:
+        return 0
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    gc.collect()
+    return sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects())
+
+
 class RoundRecorder(FederatedCallback):
     """Per round: digest and sum of the gathered global weights, RSS, wall time."""
 
@@ -68,6 +79,7 @@ class RoundRecorder(FederatedCallback):
             digest.update(t.numpy().tobytes())
             total += float(t.double().sum())
         self.rounds.append({"round": round, "sha256": digest.hexdigest(), "sum": total, "rss_mib": rss_mib(),
+                            "live_engines": live_deepspeed_engines(),
                             "time_s": time.perf_counter() - self.t0,
                             "eval_loss": (metrics or {}).get("eval_loss")})
 

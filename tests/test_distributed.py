@@ -95,6 +95,8 @@ def test_deepspeed_rounds_do_not_leak_memory(tmp_path):
     _run([ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
           "--dynamo_backend", "no", "--use_deepspeed", "--zero_stage", "2", WORKER, "--out", str(out),
           "--zero_stage", "2", "--rounds", "10", "--clients", "2", "--local_steps", "2", "--strategy", "fedit"])
-    rss = [r["rss_mib"] for r in json.loads((out / "rank0.json").read_text())["rounds"]]
+    rounds = json.loads((out / "rank0.json").read_text())["rounds"]
+    assert max(r["live_engines"] for r in rounds) <= 1, "released DeepSpeed engines must not stay alive"
+    rss = [r["rss_mib"] for r in rounds]
     assert len(rss) == 10
     assert rss[9] <= 1.05 * rss[1], f"RSS grew from {rss[1]:.0f} MiB (round 2) to {rss[9]:.0f} MiB (round 10)"
