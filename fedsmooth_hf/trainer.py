@@ -29,7 +29,16 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy, TrainOutp
 
 from .arguments import FederatedArguments
 from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    check_model_tensors,
+    check_resumable,
+    check_strategy_tensors,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from .gradients import estimate_weight_gradients
 from .lora_init import (
     apply_client_start,
@@ -606,31 +615,11 @@ class FederatedTrainer(Trainer):
     def load_federated_checkpoint(self, path) -> int:
         """Restore a ``round-<k>`` checkpoint; returns k (the number of completed rounds)."""
         model_tensors, strategy_tensors, state = load_checkpoint(path)
-        saved_args = state.get("fed_args", {})
-        for key, value in self.fed_args.to_dict().items():
-            if key not in _RESUMABLE_CHANGES and key in saved_args and saved_args[key] != value:
-                raise ValueError(
-                    f"checkpoint {path} was written with FederatedArguments.{key}={saved_args[key]!r}, "
-                    f"but this run has {value!r}"
-                )
-        if state.get("seed", self.args.seed) != self.args.seed:
-            raise ValueError(
-                f"checkpoint {path} was written with TrainingArguments.seed={state['seed']}, this run has {self.args.seed}"
-            )
-        expected = self._model_tensors()
-        for key, tensor in model_tensors.items():
-            if key.startswith("residual/"):
-                continue
-            if key not in expected:
-                raise ValueError(f"checkpoint {path}: unknown tensor '{key}' (different model or target_modules?)")
-            if tuple(tensor.shape) != tuple(expected[key].shape) or tensor.dtype != expected[key].dtype:
-                raise ValueError(
-                    f"checkpoint {path}: '{key}' is {tuple(tensor.shape)} {tensor.dtype}, the model has "
-                    f"{tuple(expected[key].shape)} {expected[key].dtype}"
-                )
-        missing = [k for k in expected if not k.startswith("residual/") and k not in model_tensors]
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks tensors {missing[:5]}")
+        check_resumable(path, state, self.fed_args.to_dict(), self.args.seed, _RESUMABLE_CHANGES)
+        layer_shapes = {n: (layer.out_features, layer.in_features) for n, layer in self.layers.items()}
+        check_model_tensors(path, model_tensors, self._model_tensors(), layer_shapes)
+        check_strategy_tensors(path, strategy_tensors, self.strategy)
+        restore_rng_state(path, state)
         for name, layer in self.layers.items():
             key = f"base/{name}"
             if key in model_tensors:
@@ -642,7 +631,6 @@ class FederatedTrainer(Trainer):
         self.strategy.load_state_dict(strategy_tensors)
         self.round_history = list(state.get("round_history", []))
         self._step_offset = int(state.get("step_offset", 0))
-        set_rng_state(state["rng"])
         self._load_global_adapter()
         return int(state["round"])
 
