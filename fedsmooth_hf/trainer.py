@@ -52,6 +52,7 @@ from .lowrank import factored_norm
 from .merge import (
     base_residual,
     ensure_base_residual,
+    first_non_finite,
     is_quantized,
     keep_quantized_layers_differentiable,
     merge_into_base,
@@ -70,10 +71,11 @@ _RESUMABLE_CHANGES = {"num_rounds", "save_rounds", "eval_rounds", "on_client_fai
 
 
 class ClientTrainingError(RuntimeError):
-    """A client's local round failed (exception or non-finite loss/upload)."""
+    """A client's local round failed (exception or non-finite loss/upload); ``client`` is None for the round."""
 
-    def __init__(self, round_number: int, client: int, reason: str):
-        super().__init__(f"round {round_number}, client {client}: {reason}")
+    def __init__(self, round_number: int, client: int | None, reason: str):
+        where = f"round {round_number}" if client is None else f"round {round_number}, client {client}"
+        super().__init__(f"{where}: {reason}")
         self.round_number = round_number
         self.client = client
         self.reason = reason
@@ -392,11 +394,17 @@ class FederatedTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._round_ctx is not None and not torch.isfinite(loss).all():
+        if self._round_ctx is not None:
             round_number, client = self._round_ctx
-            raise ClientTrainingError(
-                round_number, client, f"non-finite training loss ({loss.item()}) at local step {self.state.global_step + 1}"
-            )
+            step = self.state.global_step + 1
+            if not torch.isfinite(loss).all():
+                raise ClientTrainingError(round_number, client, f"non-finite training loss ({loss.item()}) at local step {step}")
+            # fp16 loss scaling expects inf gradients now and then and skips those steps itself
+            if getattr(self.accelerator, "scaler", None) is None:
+                grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+                bad = first_non_finite(grads)
+                if bad is not None:
+                    raise ClientTrainingError(round_number, client, f"non-finite gradient of '{bad}' at local step {step}")
         return loss
 
     def evaluate(self, *args, **kwargs):
@@ -445,10 +453,14 @@ class FederatedTrainer(Trainer):
         for name, (B, A) in trained.items():
             if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
                 raise ClientTrainingError(round_idx + 1, client, f"non-finite LoRA factors in '{name}'")
+        extras = self._extras()
+        bad = first_non_finite(extras)
+        if bad is not None:
+            raise ClientTrainingError(round_idx + 1, client, f"non-finite values in '{bad}'")
         upload = self.strategy.client_upload(client, trained)
         return {
             "upload": upload,
-            "extras": self._extras(),
+            "extras": extras,
             "train_loss": float(out.training_loss),
             "train_time_s": time.perf_counter() - t0,
             "ga_time_s": ga_time,
@@ -538,7 +550,7 @@ class FederatedTrainer(Trainer):
             self._fire("on_client_end", round=number, client=client,
                        metrics={"train_loss": result["train_loss"], **info[client]})
         if not uploads:
-            raise ClientTrainingError(number, -1, f"every sampled client failed: {failed}")
+            raise ClientTrainingError(number, None, f"every sampled client failed: {failed}")
         self._round_ctx = (number, None)
         update = self.strategy.aggregate(uploads, weights)
         merge_into_base(self.layers, update.merge, ADAPTER)
