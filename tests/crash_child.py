@@ -39,7 +39,7 @@ from fedsmooth_hf.checkpoint import latest_checkpoint  # noqa: E402
 KILL_ROUND = 2  # 1-based round in which every kill point (but one) fires
 KILL_POINTS = (
     "gradient_estimation",  # FedSmoothLoRA's gradient pass of the round's 2nd client
-    "client_training",  # inside the 2nd client's local Trainer loop, after local step 2
+    "client_training",  # inside the 2nd client's local Trainer loop, after its first step
     "aggregation",  # the server aggregate computed (strategy state changed), not merged
     "merge",  # half of the layers merged into the base, the rest not
     "evaluation",  # inside the global model's evaluation after the merge
@@ -53,7 +53,7 @@ def build_trainer(output_dir: Path) -> FederatedTrainer:
     args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=8, learning_rate=5e-3,
                              report_to="none", logging_steps=1, use_cpu=True, disable_tqdm=True, save_strategy="no")
     fed = FederatedArguments(strategy="fedsmoothlora", num_clients=4, clients_per_round=3, num_rounds=3,
-                             local_steps=3, lora_r=4, lora_alpha=8, ga_samples=16, ga_batch_size=8,
+                             local_steps=2, lora_r=4, lora_alpha=8, ga_samples=16, ga_batch_size=8,
                              save_rounds=1, zeta_mode="cosine")
     return FederatedTrainer(model=make_tiny_llama(), args=args, fed_args=fed,
                             train_dataset=make_counting_dataset(96), eval_dataset=make_counting_dataset(16, seed=1))
@@ -81,7 +81,7 @@ def install_kill_point(trainer: FederatedTrainer, point: str, marker: Path) -> N
 
         class KillInLocalLoop(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                if trainer._round_ctx == (KILL_ROUND, second_client) and state.global_step == 2:
+                if trainer._round_ctx == (KILL_ROUND, second_client) and state.global_step == 1:
                     die()
 
         trainer.add_callback(KillInLocalLoop())

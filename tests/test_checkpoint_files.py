@@ -219,3 +219,18 @@ def test_latest_checkpoint_skips_temporaries_and_incomplete_dirs_and_save_cleans
     save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, one, {"fed_args": {}, "rng": {}})
     assert torch.equal(load_file(tmp_path / "round-2" / MODEL_FILE)["w"], torch.zeros(2))
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_residuals_of_quantized_layers_are_checked_by_shape_and_pairing(tmp_path):
+    """A 4-bit layer's merged update is saved as residual/<layer>/{B,A}: any rank, but paired and fitting."""
+    from fedsmooth_hf.checkpoint import check_model_tensors
+
+    shapes = {"q": (32, 16)}
+    check_model_tensors(tmp_path, {"residual/q/B": torch.ones(32, 3), "residual/q/A": torch.ones(3, 16)}, {}, shapes)
+    check_model_tensors(tmp_path, {}, {}, shapes)  # never merged yet: no residual at all
+    with pytest.raises(CheckpointError, match=r"'residual/q/A' is \(3, 17\) torch.float32, the model needs \(3, 16\)"):
+        check_model_tensors(tmp_path, {"residual/q/B": torch.ones(32, 3), "residual/q/A": torch.ones(3, 17)}, {}, shapes)
+    with pytest.raises(CheckpointError, match=r"has 'residual/q/B' but lacks 'residual/q/A'"):
+        check_model_tensors(tmp_path, {"residual/q/B": torch.ones(32, 3)}, {}, shapes)
+    with pytest.raises(CheckpointError, match=r"unknown tensor 'residual/k/B'"):
+        check_model_tensors(tmp_path, {"residual/k/B": torch.ones(32, 3), "residual/k/A": torch.ones(3, 16)}, {}, shapes)

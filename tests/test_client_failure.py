@@ -168,7 +168,7 @@ def test_skip_policy_aggregates_survivors_with_renormalized_weights(tmp_path, ca
 
 
 def test_every_client_failing_is_an_error_naming_the_round(tmp_path):
-    trainer = _trainer(tmp_path, policy="skip")
+    trainer = _trainer(tmp_path, "fedit", policy="skip")
     trainer.add_callback(_Fail(trainer, "exception", clients=range(len(SIZES))))
     before = _base(trainer)
     with pytest.raises(ClientTrainingError, match=r"^round 1: every sampled client failed") as info:
