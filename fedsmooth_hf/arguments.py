@@ -82,6 +82,12 @@ class FederatedArguments:
         metadata={"help": f"A client that fails (error or non-finite upload): one of {CLIENT_FAILURE_POLICIES}."},
     )
 
+    client_parallel: bool = field(
+        default=False,
+        metadata={"help": "With N processes, train N different clients at once (one per process) instead of "
+                          "data-parallel local rounds; uploads are gathered with torch.distributed."},
+    )
+
     def __post_init__(self):
         def bad(name, why):
             raise ValueError(f"FederatedArguments.{name}={getattr(self, name)!r}: {why}")

@@ -267,23 +267,24 @@ def check_model_tensors(
     path,
     tensors: Mapping[str, torch.Tensor],
     expected: Mapping[str, torch.Tensor],
-    layer_shapes: Mapping[str, tuple[int, int]],
+    residual_shapes: Mapping[str, tuple[int, int]],
 ) -> None:
     """``model.safetensors`` holds exactly the model's keys, with its shapes and dtypes.
 
     ``expected`` are the tensors the model would save now (``base/*``, ``extra/*``);
-    ``residual/<layer>/{B,A}`` keys of quantized layers are optional and are checked
-    against ``layer_shapes`` (``name -> (d_out, d_in)``).
+    ``residual/<layer>/{B,A}`` keys (the merged update kept beside a 4-bit or
+    half-precision base) are optional, of any rank, and allowed only for the layers in
+    ``residual_shapes`` (``name -> (d_out, d_in)``).
     """
     for key, tensor in tensors.items():
         if key.startswith("residual/"):
             layer, _, factor = key[len("residual/"):].rpartition("/")
-            if layer not in layer_shapes or factor not in ("A", "B") or f"base/{layer}" in expected:
+            if layer not in residual_shapes or factor not in ("A", "B"):
                 raise CheckpointError(f"checkpoint {path}: {MODEL_FILE} has unknown tensor '{key}'")
             partner = f"residual/{layer}/{'A' if factor == 'B' else 'B'}"
             if partner not in tensors:
                 raise CheckpointError(f"checkpoint {path}: {MODEL_FILE} has '{key}' but lacks '{partner}'")
-            d_out, d_in = layer_shapes[layer]
+            d_out, d_in = residual_shapes[layer]
             B = tensors[f"residual/{layer}/B"]
             rank = B.shape[1] if B.dim() == 2 else -1  # a malformed B then fails its own shape check
             shape = (d_out, rank) if factor == "B" else (rank, d_in)

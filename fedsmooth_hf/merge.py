@@ -1,10 +1,11 @@
 """Merging a round's aggregate into the base weights: ``W += s * B @ A``.
 
-Dense bases (fp32/fp16/bf16 ``nn.Linear``) are updated in place with one
-``addmm`` per layer: the only dense ``d_out x d_in`` work in a round, and no copy
-of the weight is made. A 4-bit base cannot absorb a small update without
-rounding it away, so a quantized layer keeps the merged update as a frozen
-full-precision low-rank *residual* beside its quantized weight (see
+fp32 bases are updated in place with one ``addmm`` per layer: the only dense
+``d_out x d_in`` work in a round, and no copy of the weight is made. A 4-bit
+base cannot absorb a small update without rounding it away (one NF4 requantize
+keeps ~2% of an update of relative size 1e-3), and neither can bf16 (~55%:
+8 mantissa bits); see ``benchmarks/qlora_merge.py``. Such layers keep the merged
+update as a frozen fp32 low-rank *residual* beside the base weight (see
 :class:`BaseResidual`); nothing is lost, and the residual is folded into the
 exported model at the end.
 """
@@ -22,6 +23,7 @@ from .lowrank import factored_norm, stack_factors, truncated_svd
 __all__ = [
     "merge_into_base",
     "is_quantized",
+    "keeps_residual",
     "BaseResidual",
     "base_residual",
     "ensure_base_residual",
@@ -48,6 +50,12 @@ def is_quantized(base: nn.Module) -> bool:
     """True for bitsandbytes 4-/8-bit layers, whose weight cannot take an exact in-place add."""
     weight = getattr(base, "weight", None)
     return weight is not None and type(weight).__name__ in ("Params4bit", "Int8Params")
+
+
+def keeps_residual(base: nn.Module) -> bool:
+    """Bases whose weight cannot take a small exact add: 4/8-bit, fp16 and bf16."""
+    weight = getattr(base, "weight", None)
+    return is_quantized(base) or (weight is not None and weight.dtype in (torch.float16, torch.bfloat16))
 
 
 class BaseResidual:
@@ -90,7 +98,7 @@ class BaseResidual:
 
 
 _RESIDUAL_ATTR = "_fedsmooth_base_residual"
-#: rank at which a quantized layer's residual is re-compressed (exact truncated SVD)
+#: rank at which a residual is re-compressed (exact truncated SVD)
 RESIDUAL_MAX_RANK = 256
 
 
@@ -175,21 +183,16 @@ def merge_into_base(
         layer = layers[name]
         s = lora_scaling(layer, adapter_name)
         base = layer.get_base_layer()
-        if is_quantized(base):
-            ensure_base_residual(layer, residual_max_rank).add(s * B, A)
-            continue
         W = base.weight
-        Bw = B.to(device=W.device, dtype=torch.float32)
-        Aw = A.to(device=W.device, dtype=torch.float32)
-        delta_t = getattr(layer, "fan_in_fan_out", False)
-        if W.dtype == torch.float32:
-            if delta_t:
-                W.addmm_(Aw.T, Bw.T, alpha=s)
-            else:
-                W.addmm_(Bw, Aw, alpha=s)
+        if keeps_residual(base):
+            device = W.device if W.device.type != "meta" else B.device
+            ensure_base_residual(layer, residual_max_rank).add(s * B.to(device), A.to(device))
+            continue
+        Bw = B.to(device=W.device, dtype=W.dtype)
+        Aw = A.to(device=W.device, dtype=W.dtype)
+        if getattr(layer, "fan_in_fan_out", False):
+            W.addmm_(Aw.T, Bw.T, alpha=s)
         else:
-            # Half-precision base: add in fp32, round once.
-            update = s * (Aw.T @ Bw.T if delta_t else Bw @ Aw)
-            W.copy_((W.float() + update).to(W.dtype))
+            W.addmm_(Bw, Aw, alpha=s)
         if not torch.isfinite(W).all():
             raise FloatingPointError(f"base weight of '{name}' became non-finite after the merge")

@@ -39,6 +39,7 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from .distributed import all_gather_objects, gathered, is_zero3, single_process_view, world
 from .gradients import estimate_weight_gradients
 from .lora_init import (
     apply_client_start,
@@ -55,6 +56,7 @@ from .merge import (
     first_non_finite,
     is_quantized,
     keep_quantized_layers_differentiable,
+    keeps_residual,
     merge_into_base,
 )
 from .partition import partition_dataset, partition_summary
@@ -67,7 +69,7 @@ __all__ = ["FederatedTrainer", "ClientTrainingError", "find_target_modules"]
 ADAPTER = "default"
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head")
 # FederatedArguments that may change when a run is resumed (everything else must match)
-_RESUMABLE_CHANGES = {"num_rounds", "save_rounds", "eval_rounds", "on_client_failure"}
+_RESUMABLE_CHANGES = {"num_rounds", "save_rounds", "eval_rounds", "on_client_failure", "client_parallel"}
 
 
 class ClientTrainingError(RuntimeError):
@@ -79,6 +81,9 @@ class ClientTrainingError(RuntimeError):
         self.round_number = round_number
         self.client = client
         self.reason = reason
+
+    def __reduce__(self):  # client-parallel rounds send failures between processes
+        return type(self), (self.round_number, self.client, self.reason)
 
 
 def find_target_modules(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
@@ -151,12 +156,8 @@ class FederatedTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if plugin is not None and plugin.zero_stage == 3:
-            raise ValueError(
-                "DeepSpeed ZeRO-3 is not supported yet: its partitioned parameters would have to be gathered "
-                "for every client start, upload and merge. Use ZeRO-2 (recipes/configs/zero2.json)."
-            )
+        self._zero3 = is_zero3(self.accelerator)
+        self._check_client_parallel()
         self.layers = lora_layers(self.model, ADAPTER)
         self.strategy: FederatedStrategy = strategy_from_options(
             fa.strategy, {**fa.strategy_options(), "rank": self.lora_rank}
@@ -250,6 +251,32 @@ class FederatedTrainer(Trainer):
                     f"lora_r={self.lora_rank} is too large for layer '{name}' ({d_out}x{d_in}): "
                     f"{what} must be <= {min(d_out, d_in)}"
                 )
+
+    def _check_client_parallel(self) -> None:
+        if not self.fed_args.client_parallel:
+            return
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "FederatedArguments.client_parallel=True trains one client per process and cannot be combined "
+                "with DeepSpeed or FSDP (they split one client's training over the processes); drop one of them"
+            )
+
+    @property
+    def client_parallel(self) -> bool:
+        """Whether this run trains several clients at once, one per process."""
+        return self.fed_args.client_parallel and world()[1] > 1
+
+    @contextlib.contextmanager
+    def global_model(self):
+        """The current global model for inference (e.g. ``generate``); whole on every rank under ZeRO-3."""
+        with self._gathered(modify=True):
+            self._load_global_adapter()
+        with self._gathered():
+            yield self.model
+
+    def _gathered(self, modify: bool = False):
+        """Whole parameters under ZeRO-3 (see :func:`fedsmooth_hf.distributed.gathered`)."""
+        return gathered(self.model, modify) if self._zero3 else contextlib.nullcontext()
 
     def _check_ga_samples(self) -> None:
         if not self.strategy.needs_gradient:
@@ -375,6 +402,13 @@ class FederatedTrainer(Trainer):
             params[n].copy_(v)
 
     # ------------------------------------------------------------------ Trainer hooks
+    def is_world_process_zero(self) -> bool:
+        """Rank 0 of the real process group, also inside a client-parallel local round."""
+        return world()[0] == 0 if self.client_parallel else super().is_world_process_zero()
+
+    def is_local_process_zero(self) -> bool:
+        return world()[0] == 0 if self.client_parallel else super().is_local_process_zero()
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Every log line carries ``round`` (and ``client`` inside a local round); steps run on."""
         if self._round_ctx is None:
@@ -410,15 +444,16 @@ class FederatedTrainer(Trainer):
     def evaluate(self, *args, **kwargs):
         """Evaluate the current model; under DeepSpeed without a live engine as well.
 
-        Between local rounds no DeepSpeed engine exists. Under ZeRO-1/2 every rank holds
-        whole parameters, so evaluation runs on the plain model (Trainer would otherwise
-        refuse "ZeRO inference" below stage 3).
+        Between local rounds no DeepSpeed engine exists. Evaluation runs on the plain
+        model: under ZeRO-1/2 every rank holds whole parameters (Trainer would otherwise
+        refuse "ZeRO inference" below stage 3); under ZeRO-3 they are gathered first.
         """
         if not self.is_deepspeed_enabled:
             return super().evaluate(*args, **kwargs)
         self.is_deepspeed_enabled = False
         try:
-            return super().evaluate(*args, **kwargs)
+            with self._gathered():
+                return super().evaluate(*args, **kwargs)
         finally:
             self.is_deepspeed_enabled = True
             self._release_engine()
@@ -428,15 +463,16 @@ class FederatedTrainer(Trainer):
         seed = _client_round_seed(self.args.seed, round_idx, client)
         set_seed(seed)
         grads = None
-        if self.strategy.needs_gradient:
-            t0 = time.perf_counter()
-            grads = self._estimate_gradients(client, seed, self.strategy.gradient_point(client))
-            ga_time = time.perf_counter() - t0
-        else:
-            ga_time = 0.0
-        start = self.strategy.client_start(client, grads)
-        del grads
-        apply_client_start(self.layers, start.lora, start.offsets, start.train_A, start.train_B, ADAPTER)
+        with self._gathered(modify=True):
+            if self.strategy.needs_gradient:
+                t0 = time.perf_counter()
+                grads = self._estimate_gradients(client, seed, self.strategy.gradient_point(client))
+                ga_time = time.perf_counter() - t0
+            else:
+                ga_time = 0.0
+            start = self.strategy.client_start(client, grads)
+            del grads
+            apply_client_start(self.layers, start.lora, start.offsets, start.train_A, start.train_B, ADAPTER)
         self.train_dataset = self.client_datasets[client]
         set_seed(seed)  # data order and dropout of this local round
         t0 = time.perf_counter()
@@ -447,13 +483,14 @@ class FederatedTrainer(Trainer):
             self._step_offset += self.state.global_step
             self._release_engine()
             clear_offsets(self.layers)
-        trained = get_lora_factors(self.layers, ADAPTER)
+        with self._gathered():
+            trained = get_lora_factors(self.layers, ADAPTER)
+            extras = self._extras()
         if not math.isfinite(out.training_loss):
             raise ClientTrainingError(round_idx + 1, client, f"non-finite training loss {out.training_loss}")
         for name, (B, A) in trained.items():
             if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
                 raise ClientTrainingError(round_idx + 1, client, f"non-finite LoRA factors in '{name}'")
-        extras = self._extras()
         bad = first_non_finite(extras)
         if bad is not None:
             raise ClientTrainingError(round_idx + 1, client, f"non-finite values in '{bad}'")
@@ -522,23 +559,19 @@ class FederatedTrainer(Trainer):
         self.strategy.begin_round(round_idx)
         clients = self.sample_clients(round_idx)
         lr = self.round_learning_rate(round_idx)
-        global_extras = self._extras()
+        with self._gathered():
+            global_extras = self._extras()
         self._fire("on_round_begin", round=number, clients=clients)
+        outcomes = self._train_clients(round_idx, clients, lr, global_extras, ignore_keys_for_eval)
         uploads, weights, losses, failed, info = {}, {}, {}, {}, {}
         extra_sum: dict[str, torch.Tensor] = {}
         for client in clients:
-            self._round_ctx = (number, client)
-            self._fire("on_client_begin", round=number, client=client)
-            self._set_extras(global_extras)
-            try:
-                result = self._train_client(round_idx, client, lr, ignore_keys_for_eval)
-            except Exception as err:  # noqa: BLE001 - policy decides
-                error = err if isinstance(err, ClientTrainingError) else ClientTrainingError(number, client, repr(err))
+            result = outcomes[client]
+            if isinstance(result, ClientTrainingError):
                 if fa.on_client_failure == "raise":
-                    raise error from err
-                logger.warning("skipping %s", error)
-                failed[client] = error.reason
-                self._fire("on_client_end", round=number, client=client, metrics={"failed": error.reason})
+                    raise result
+                logger.warning("skipping %s", result)
+                failed[client] = result.reason
                 continue
             uploads[client] = result["upload"]
             n = len(self.client_datasets[client])
@@ -547,16 +580,15 @@ class FederatedTrainer(Trainer):
             info[client] = {k: result[k] for k in ("train_time_s", "ga_time_s", "first_loss")}
             for k, v in result["extras"].items():
                 extra_sum[k] = extra_sum.get(k, 0) + n * v
-            self._fire("on_client_end", round=number, client=client,
-                       metrics={"train_loss": result["train_loss"], **info[client]})
         if not uploads:
             raise ClientTrainingError(number, None, f"every sampled client failed: {failed}")
         self._round_ctx = (number, None)
         update = self.strategy.aggregate(uploads, weights)
-        merge_into_base(self.layers, update.merge, ADAPTER)
         total = sum(weights.values())
-        self._set_extras({k: v / total for k, v in extra_sum.items()} if extra_sum else global_extras)
-        self._load_global_adapter()
+        with self._gathered(modify=True):
+            merge_into_base(self.layers, update.merge, ADAPTER)
+            self._set_extras({k: v / total for k, v in extra_sum.items()} if extra_sum else global_extras)
+            self._load_global_adapter()
         record = {
             "round": number,
             "clients": clients,
@@ -582,9 +614,56 @@ class FederatedTrainer(Trainer):
         if (fa.save_rounds and number % fa.save_rounds == 0) or number == fa.num_rounds:
             self.save_federated_checkpoint(number)
 
+    def _train_clients(self, round_idx: int, clients: list[int], lr: float, global_extras, ignore_keys_for_eval) -> dict:
+        """``client -> result dict or ClientTrainingError`` for every sampled client.
+
+        Sequentially by default (each local round data-parallel over the processes);
+        with ``client_parallel`` process r trains ``clients[r::world]`` and the
+        results are exchanged, so every rank aggregates the same uploads in the same order.
+        """
+        number = round_idx + 1
+        rank, size = world() if self.client_parallel else (0, 1)
+        view = single_process_view if self.client_parallel else contextlib.nullcontext
+        outcomes = {}
+        for client in clients[rank::size]:
+            self._round_ctx = (number, client)
+            self._fire("on_client_begin", round=number, client=client)
+            with self._gathered(modify=True):
+                self._set_extras(global_extras)
+            try:
+                with view():
+                    outcomes[client] = self._train_client(round_idx, client, lr, ignore_keys_for_eval)
+            except Exception as err:  # noqa: BLE001 - the failure policy decides
+                error = err if isinstance(err, ClientTrainingError) else ClientTrainingError(number, client, repr(err))
+                if self.fed_args.on_client_failure == "raise" and not self.client_parallel:
+                    raise error from err
+                outcomes[client] = error
+            if not self.client_parallel:
+                self._client_end(number, client, outcomes[client])
+        if self.client_parallel:
+            local = outcomes
+            outcomes = {}
+            for part in all_gather_objects(local):
+                outcomes.update(part)
+            for client in clients:
+                result = outcomes[client]
+                if client not in local and not isinstance(result, ClientTrainingError):
+                    self.strategy.remember_upload(client, result["upload"])
+                self._client_end(number, client, result)
+        return outcomes
+
+    def _client_end(self, number: int, client: int, result) -> None:
+        if isinstance(result, ClientTrainingError):
+            metrics = {"failed": result.reason}
+        else:
+            metrics = {"train_loss": result["train_loss"],
+                       **{k: result[k] for k in ("train_time_s", "ga_time_s", "first_loss")}}
+        self._fire("on_client_end", round=number, client=client, metrics=metrics)
+
     def _evaluate_round(self, number: int, ignore_keys_for_eval, record: bool) -> dict:
         self._round_ctx = (number, None)
-        self._load_global_adapter()
+        with self._gathered(modify=True):
+            self._load_global_adapter()
         metrics = self.evaluate(ignore_keys=ignore_keys_for_eval)
         out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         if record:
@@ -597,19 +676,20 @@ class FederatedTrainer(Trainer):
         tensors = {}
         for name, layer in self.layers.items():
             base = layer.get_base_layer()
-            if is_quantized(base):
-                res = base_residual(layer)
-                if res is not None and res.B is not None:
-                    tensors[f"residual/{name}/B"] = res.B
-                    tensors[f"residual/{name}/A"] = res.A
-            else:
+            if not is_quantized(base):
                 tensors[f"base/{name}"] = base.weight.detach()
+            res = base_residual(layer)
+            if res is not None and res.B is not None:
+                tensors[f"residual/{name}/B"] = res.B
+                tensors[f"residual/{name}/A"] = res.A
         for n, v in self._extras().items():
             tensors[f"extra/{n}"] = v
         return tensors
 
     def save_federated_checkpoint(self, round_number: int) -> Path | None:
         """Write ``output_dir/round-<k>`` (process 0 only); safe against a kill at any point."""
+        with self._gathered():  # collective under ZeRO-3: every rank takes part
+            tensors = self._model_tensors()
         if not self.args.should_save:
             return None
         state = {
@@ -620,25 +700,32 @@ class FederatedTrainer(Trainer):
             "step_offset": self._step_offset,
             "rng": rng_state(),
         }
-        return save_checkpoint(self.args.output_dir, round_number, self._model_tensors(),
+        return save_checkpoint(self.args.output_dir, round_number, tensors,
                                self.strategy.state_dict(), state)
 
     @torch.no_grad()
     def load_federated_checkpoint(self, path) -> int:
         """Restore a ``round-<k>`` checkpoint; returns k (the number of completed rounds)."""
+        with self._gathered(modify=True):
+            return self._restore_checkpoint(path)
+
+    def _restore_checkpoint(self, path) -> int:
         model_tensors, strategy_tensors, state = load_checkpoint(path)
         check_resumable(path, state, self.fed_args.to_dict(), self.args.seed, _RESUMABLE_CHANGES)
-        layer_shapes = {n: (layer.out_features, layer.in_features) for n, layer in self.layers.items()}
-        check_model_tensors(path, model_tensors, self._model_tensors(), layer_shapes)
+        residual_shapes = {n: (layer.out_features, layer.in_features) for n, layer in self.layers.items()
+                           if keeps_residual(layer.get_base_layer())}
+        check_model_tensors(path, model_tensors, self._model_tensors(), residual_shapes)
         check_strategy_tensors(path, strategy_tensors, self.strategy)
         restore_rng_state(path, state)
         for name, layer in self.layers.items():
             key = f"base/{name}"
             if key in model_tensors:
                 layer.get_base_layer().weight.copy_(model_tensors[key])
-            elif f"residual/{name}/B" in model_tensors:
+            if f"residual/{name}/B" in model_tensors:
                 res = ensure_base_residual(layer)
-                res.B, res.A = model_tensors[f"residual/{name}/B"], model_tensors[f"residual/{name}/A"]
+                device = layer.get_base_layer().weight.device
+                res.B = model_tensors[f"residual/{name}/B"].to(device)
+                res.A = model_tensors[f"residual/{name}/A"].to(device)
         self._set_extras({k[len("extra/"):]: v for k, v in model_tensors.items() if k.startswith("extra/")})
         self.strategy.load_state_dict(strategy_tensors)
         self.round_history = list(state.get("round_history", []))
@@ -651,17 +738,19 @@ class FederatedTrainer(Trainer):
         """The global model's weights under the base architecture's names (LoRA merged)."""
         from .hub import merged_state_dict
 
-        return merged_state_dict(self.model, self.layers, self.strategy.global_lora(), ADAPTER, dtype)
+        with self._gathered():
+            return merged_state_dict(self.model, self.layers, self.strategy.global_lora(), ADAPTER, dtype)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the merged global model (a plain ``from_pretrained`` checkpoint), its card and history."""
         from .hub import model_card, save_merged_model
 
         output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        save_merged_model(self.model, self.layers, self.strategy.global_lora(), output_dir,
-                          self.processing_class, ADAPTER)
+        with self._gathered():  # collective under ZeRO-3: every rank takes part, rank 0 writes
+            if not self.args.should_save:
+                return
+            save_merged_model(self.model, self.layers, self.strategy.global_lora(), output_dir,
+                              self.processing_class, ADAPTER)
         evals = [r for r in self.round_history if "eval_loss" in r]
         card = model_card(
             getattr(self.model.get_base_model().config, "_name_or_path", "") or "",
@@ -683,8 +772,9 @@ class FederatedTrainer(Trainer):
         """
         from .hub import export_lora_adapter
 
-        return export_lora_adapter(self.model, self.layers, self.strategy.global_lora(), original_model,
-                                   output_dir, rank or self.lora_rank, ADAPTER)
+        with self._gathered():
+            return export_lora_adapter(self.model, self.layers, self.strategy.global_lora(), original_model,
+                                       output_dir, rank or self.lora_rank, ADAPTER)
 
     def push_to_hub(self, commit_message: str | None = "End of federated training", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, **kwargs) -> str:

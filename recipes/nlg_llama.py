@@ -219,15 +219,14 @@ class PadCollator:
 @torch.no_grad()
 def generate(trainer: FederatedTrainer, tokenizer, md: ModelDataArguments) -> str:
     """Greedy generation by the current global model."""
-    trainer._load_global_adapter()
-    model = trainer.model
-    was_training = model.training
-    model.eval()
     prompt = build_prompt(tokenizer, md, md.generation_prompt, None)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(trainer.args.device)
-    out = model.generate(**inputs, max_new_tokens=md.max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    model.train(was_training)
+    with trainer.global_model() as model:
+        was_training = model.training
+        model.eval()
+        out = model.generate(**inputs, max_new_tokens=md.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        model.train(was_training)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 

@@ -1,4 +1,4 @@
-"""recipes/nlg_llama.py end to end (tiny Llama with SmolLM2's tokenizer), fp32, QLoRA 4-bit and DeepSpeed ZeRO-2."""
+"""recipes/nlg_llama.py end to end (tiny Llama with SmolLM2's tokenizer), fp32, QLoRA 4-bit and DeepSpeed ZeRO-2/3."""
 
 import json
 import os
@@ -82,13 +82,14 @@ def test_recipe_qlora_4bit(ckpt, tmp_path):
     assert "quantization_config" not in saved, "the merged export is a dense model"
 
 
-def test_recipe_deepspeed_zero2(ckpt, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_recipe_deepspeed(ckpt, tmp_path, stage):
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    _run([accelerate, "launch", "--num_processes", "1", "--use_deepspeed", "--zero_stage", "2",
+    _run([accelerate, "launch", "--num_processes", "1", "--use_deepspeed", "--zero_stage", str(stage),
           "recipes/nlg_llama.py", "--model_name_or_path", str(ckpt), "--output_dir", str(tmp_path / "ds"),
-          "--deepspeed", "recipes/configs/zero2.json", *TINY])
+          "--deepspeed", f"recipes/configs/zero{stage}.json", *TINY])
     history = _check_outputs(tmp_path / "ds")
-    assert history[-1]["eval_loss"] < history[0]["eval_loss"], "ZeRO-2 local rounds must actually train"
+    assert history[-1]["eval_loss"] < history[0]["eval_loss"], f"ZeRO-{stage} local rounds must actually train"
 
 
 def test_help_and_yaml_config(ckpt, tmp_path):

@@ -192,6 +192,9 @@ class FederatedStrategy:
         """What the client sends after training; by default its trained factors."""
         return {n: (B.detach().float().cpu(), A.detach().float().cpu()) for n, (B, A) in trained.items()}
 
+    def remember_upload(self, client: int, upload: ModuleFactors) -> None:
+        """Record an upload computed by another process (client-parallel rounds); stateless strategies ignore it."""
+
     # -- server side -----------------------------------------------------------------
     def aggregate(self, uploads: Mapping[int, ModuleFactors], weights: Mapping[int, float]) -> ServerUpdate:
         raise NotImplementedError

@@ -137,6 +137,9 @@ class FedSmoothLoRA(FederatedStrategy):
         self._client_uploads[client] = upload
         return upload
 
+    def remember_upload(self, client: int, upload: ModuleFactors) -> None:
+        self._client_uploads[client] = upload
+
     def aggregate(self, uploads: Mapping[int, ModuleFactors], weights: Mapping[int, float]) -> ServerUpdate:
         w = self._validated(uploads, weights)
         self._server = truncated_product_mean(uploads, w, self.rank)

@@ -1,0 +1,119 @@
+"""One process of a multi-process federated run, for tests and benchmarks under ``accelerate launch``.
+
+Every rank writes ``rank<r>.json`` with a checksum of the full (gathered) global
+model after each round, and rank 0 writes ``final.safetensors``; the tests
+compare ranks with each other and with a single-process run of the same seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conftest import make_counting_dataset, make_tiny_llama  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+from fedsmooth_hf import FederatedArguments, FederatedCallback, FederatedTrainer  # noqa: E402
+
+
+def zero_config(stage: int) -> dict:
+    return {
+        "zero_optimization": {"stage": stage},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                   "weight_decay": "auto"}},
+    }
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class RoundRecorder(FederatedCallback):
+    """Per round: digest and sum of the gathered global weights, RSS, wall time."""
+
+    def __init__(self, trainer_ref: list):
+        self.trainer_ref = trainer_ref
+        self.rounds: list[dict] = []
+        self.t0 = time.perf_counter()
+
+    def on_round_end(self, args, state, control, round=None, metrics=None, **kwargs):  # noqa: A002
+        if round == 0:
+            return
+        trainer = self.trainer_ref[0]
+        weights = trainer.merged_state_dict()
+        digest = hashlib.sha256()
+        total = 0.0
+        for name in sorted(weights):
+            t = weights[name].detach().float().cpu().contiguous()
+            digest.update(name.encode())
+            digest.update(t.numpy().tobytes())
+            total += float(t.double().sum())
+        self.rounds.append({"round": round, "sha256": digest.hexdigest(), "sum": total, "rss_mib": rss_mib(),
+                            "time_s": time.perf_counter() - self.t0,
+                            "eval_loss": (metrics or {}).get("eval_loss")})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--zero_stage", type=int, default=0)
+    p.add_argument("--strategy", default="fedsmoothlora")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--local_steps", type=int, default=3)
+    p.add_argument("--client_parallel", action="store_true")
+    p.add_argument("--examples", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=4, help="per process")
+    a = p.parse_args()
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = make_tiny_llama()
+    data = make_counting_dataset(a.examples)
+    eval_data = make_counting_dataset(16, seed=1)
+    args = TrainingArguments(
+        output_dir=str(out / "run"), per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=8,
+        learning_rate=5e-3, seed=0, report_to="none", disable_tqdm=True, logging_steps=1,
+        deepspeed=zero_config(a.zero_stage) if a.zero_stage else None, use_cpu=not torch.cuda.is_available(),
+        save_strategy="no",
+    )
+    fed = FederatedArguments(strategy=a.strategy, num_clients=a.clients, num_rounds=a.rounds,
+                             local_steps=a.local_steps, lora_r=4, lora_alpha=8, ga_samples=8, ga_batch_size=4,
+                             client_parallel=a.client_parallel)
+    ref: list = []
+    recorder = RoundRecorder(ref)
+    trainer = FederatedTrainer(model=model, args=args, fed_args=fed, train_dataset=data, eval_dataset=eval_data,
+                               callbacks=[recorder])
+    ref.append(trainer)
+    trainer.train()
+    rank = trainer.args.process_index
+    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world_size": trainer.args.world_size,
+                                                       "rounds": recorder.rounds,
+                                                       "round_history": trainer.round_history}, indent=1))
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in trainer.merged_state_dict().items()}
+    if rank == 0:
+        save_file(weights, str(out / "final.safetensors"))
+
+
+if __name__ == "__main__":
+    main()
