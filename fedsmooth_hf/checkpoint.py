@@ -12,7 +12,8 @@ It is written to a temporary sibling directory (``.round-<k>.tmp-<pid>``), every
 file and the directory are fsynced, and only then is it renamed into place, so a
 process killed at any moment leaves the previous checkpoint intact and never a
 half-written one under a ``round-<k>`` name. Leftover temporaries are ignored by
-:func:`latest_checkpoint` and removed by the next :func:`save_checkpoint`.
+:func:`latest_checkpoint` and cleaned up by the next :func:`save_checkpoint`
+(:func:`remove_stale_temporaries`).
 
 Loading never trusts the files: a missing, truncated or corrupt file, a tensor
 with the wrong name, shape or dtype, or arguments that differ from the running
@@ -116,13 +117,25 @@ def _rename_into_place(tmp: Path, final: Path) -> None:
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[str]:
-    """Delete ``.round-<k>.tmp-*`` / ``.old-*`` directories a killed writer left behind."""
-    removed = []
-    for child in Path(output_dir).iterdir():
-        if child.is_dir() and _TEMPORARY_DIR.match(child.name):
+    """Clean up after a writer that was killed: returns the names it removed or restored.
+
+    ``.round-<k>.tmp-*`` (never published) is deleted. ``.round-<k>.old-*`` is a complete
+    checkpoint that was being replaced: it is moved back to ``round-<k>`` if the kill
+    came between the two renames (no ``round-<k>`` now), and deleted otherwise.
+    """
+    output_dir = Path(output_dir)
+    handled = []
+    for child in sorted(output_dir.iterdir()):
+        match = _TEMPORARY_DIR.match(child.name)
+        if not (child.is_dir() and match):
+            continue
+        published = output_dir / child.name[1:].split(".", 1)[0]  # ".round-3.old-42" -> "round-3"
+        if match.group(1) == "old" and not published.exists():
+            os.replace(child, published)
+        else:
             shutil.rmtree(child, ignore_errors=True)
-            removed.append(child.name)
-    return removed
+        handled.append(child.name)
+    return handled
 
 
 def save_checkpoint(

@@ -208,13 +208,15 @@ def test_latest_checkpoint_skips_temporaries_and_incomplete_dirs_and_save_cleans
     save_checkpoint(tmp_path, 1, one, one, {"fed_args": {}, "rng": {}})
     (tmp_path / ".round-2.tmp-99999").mkdir()  # a writer killed mid-write
     (tmp_path / ".round-2.tmp-99999" / MODEL_FILE).write_bytes(b"partial")
-    (tmp_path / ".round-1.old-99999").mkdir()  # a writer killed while replacing round-1
+    (tmp_path / ".round-1.old-99999").mkdir()  # a writer killed after replacing round-1: stale
+    shutil.copytree(tmp_path / "round-1", tmp_path / ".round-4.old-99999")  # killed between the two renames
     (tmp_path / "round-3").mkdir()  # not written by us: no files
     (tmp_path / "round-3" / STATE_FILE).write_text("{}")
     assert latest_checkpoint(tmp_path).name == "round-1"
     save_checkpoint(tmp_path, 2, one, one, {"fed_args": {}, "rng": {}})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-1", "round-2", "round-3"]
-    assert latest_checkpoint(tmp_path).name == "round-2"
+    # the interrupted replacement of round-4 is put back; everything else temporary is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-1", "round-2", "round-3", "round-4"]
+    assert latest_checkpoint(tmp_path).name == "round-4"
     # rewriting an existing round replaces it whole
     save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, one, {"fed_args": {}, "rng": {}})
     assert torch.equal(load_file(tmp_path / "round-2" / MODEL_FILE)["w"], torch.zeros(2))
