@@ -29,9 +29,21 @@ __all__ = [
     "ensure_base_residual",
     "dense_base_weight",
     "keep_quantized_layers_differentiable",
+    "first_non_finite",
 ]
 
 Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """Name of the first tensor holding NaN or Inf, or None; one device sync when all are finite."""
+    floats = {n: t for n, t in tensors.items() if t.is_floating_point()}
+    if not floats:
+        return None
+    device = next(iter(floats.values())).device
+    if bool(torch.stack([torch.isfinite(t).all().to(device) for t in floats.values()]).all()):
+        return None
+    return next(n for n, t in floats.items() if not torch.isfinite(t).all())
 
 
 def is_quantized(base: nn.Module) -> bool:
@@ -161,11 +173,13 @@ def merge_into_base(
     non-finite is ever merged. A dense weight that overflows in the add raises
     ``FloatingPointError`` naming the module.
     """
+    # validate every module before touching any: a bad update never leaves the base half-merged
     for name, (B, A) in merge.items():
         if name not in layers:
             raise KeyError(f"merge: unknown module '{name}'")
         if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
             raise ValueError(f"merge: the update for module '{name}' contains NaN or Inf; refusing to merge it")
+    for name, (B, A) in merge.items():
         layer = layers[name]
         s = lora_scaling(layer, adapter_name)
         base = layer.get_base_layer()

@@ -29,7 +29,16 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy, TrainOutp
 
 from .arguments import FederatedArguments
 from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    check_model_tensors,
+    check_resumable,
+    check_strategy_tensors,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from .distributed import all_gather_objects, gathered, is_zero3, single_process_view, world
 from .gradients import estimate_weight_gradients
 from .lora_init import (
@@ -44,8 +53,10 @@ from .lowrank import factored_norm
 from .merge import (
     base_residual,
     ensure_base_residual,
+    first_non_finite,
     is_quantized,
     keep_quantized_layers_differentiable,
+    keeps_residual,
     merge_into_base,
 )
 from .partition import partition_dataset, partition_summary
@@ -62,10 +73,11 @@ _RESUMABLE_CHANGES = {"num_rounds", "save_rounds", "eval_rounds", "on_client_fai
 
 
 class ClientTrainingError(RuntimeError):
-    """A client's local round failed (exception or non-finite loss/upload)."""
+    """A client's local round failed (exception or non-finite loss/upload); ``client`` is None for the round."""
 
-    def __init__(self, round_number: int, client: int, reason: str):
-        super().__init__(f"round {round_number}, client {client}: {reason}")
+    def __init__(self, round_number: int, client: int | None, reason: str):
+        where = f"round {round_number}" if client is None else f"round {round_number}, client {client}"
+        super().__init__(f"{where}: {reason}")
         self.round_number = round_number
         self.client = client
         self.reason = reason
@@ -423,11 +435,17 @@ class FederatedTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._round_ctx is not None and not torch.isfinite(loss).all():
+        if self._round_ctx is not None:
             round_number, client = self._round_ctx
-            raise ClientTrainingError(
-                round_number, client, f"non-finite training loss ({loss.item()}) at local step {self.state.global_step + 1}"
-            )
+            step = self.state.global_step + 1
+            if not torch.isfinite(loss).all():
+                raise ClientTrainingError(round_number, client, f"non-finite training loss ({loss.item()}) at local step {step}")
+            # fp16 loss scaling expects inf gradients now and then and skips those steps itself
+            if getattr(self.accelerator, "scaler", None) is None:
+                grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+                bad = first_non_finite(grads)
+                if bad is not None:
+                    raise ClientTrainingError(round_number, client, f"non-finite gradient of '{bad}' at local step {step}")
         return loss
 
     def evaluate(self, *args, **kwargs):
@@ -480,6 +498,9 @@ class FederatedTrainer(Trainer):
         for name, (B, A) in trained.items():
             if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
                 raise ClientTrainingError(round_idx + 1, client, f"non-finite LoRA factors in '{name}'")
+        bad = first_non_finite(extras)
+        if bad is not None:
+            raise ClientTrainingError(round_idx + 1, client, f"non-finite values in '{bad}'")
         upload = self.strategy.client_upload(client, trained)
         return {
             "upload": upload,
@@ -567,7 +588,7 @@ class FederatedTrainer(Trainer):
             for k, v in result["extras"].items():
                 extra_sum[k] = extra_sum.get(k, 0) + n * v
         if not uploads:
-            raise ClientTrainingError(number, -1, f"every sampled client failed: {failed}")
+            raise ClientTrainingError(number, None, f"every sampled client failed: {failed}")
         self._round_ctx = (number, None)
         update = self.strategy.aggregate(uploads, weights)
         total = sum(weights.values())
@@ -697,31 +718,12 @@ class FederatedTrainer(Trainer):
 
     def _restore_checkpoint(self, path) -> int:
         model_tensors, strategy_tensors, state = load_checkpoint(path)
-        saved_args = state.get("fed_args", {})
-        for key, value in self.fed_args.to_dict().items():
-            if key not in _RESUMABLE_CHANGES and key in saved_args and saved_args[key] != value:
-                raise ValueError(
-                    f"checkpoint {path} was written with FederatedArguments.{key}={saved_args[key]!r}, "
-                    f"but this run has {value!r}"
-                )
-        if state.get("seed", self.args.seed) != self.args.seed:
-            raise ValueError(
-                f"checkpoint {path} was written with TrainingArguments.seed={state['seed']}, this run has {self.args.seed}"
-            )
-        expected = self._model_tensors()
-        for key, tensor in model_tensors.items():
-            if key.startswith("residual/"):
-                continue
-            if key not in expected:
-                raise ValueError(f"checkpoint {path}: unknown tensor '{key}' (different model or target_modules?)")
-            if tuple(tensor.shape) != tuple(expected[key].shape) or tensor.dtype != expected[key].dtype:
-                raise ValueError(
-                    f"checkpoint {path}: '{key}' is {tuple(tensor.shape)} {tensor.dtype}, the model has "
-                    f"{tuple(expected[key].shape)} {expected[key].dtype}"
-                )
-        missing = [k for k in expected if not k.startswith("residual/") and k not in model_tensors]
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks tensors {missing[:5]}")
+        check_resumable(path, state, self.fed_args.to_dict(), self.args.seed, _RESUMABLE_CHANGES)
+        residual_shapes = {n: (layer.out_features, layer.in_features) for n, layer in self.layers.items()
+                           if keeps_residual(layer.get_base_layer())}
+        check_model_tensors(path, model_tensors, self._model_tensors(), residual_shapes)
+        check_strategy_tensors(path, strategy_tensors, self.strategy)
+        restore_rng_state(path, state)
         for name, layer in self.layers.items():
             key = f"base/{name}"
             if key in model_tensors:
@@ -735,7 +737,6 @@ class FederatedTrainer(Trainer):
         self.strategy.load_state_dict(strategy_tensors)
         self.round_history = list(state.get("round_history", []))
         self._step_offset = int(state.get("step_offset", 0))
-        set_rng_state(state["rng"])
         self._load_global_adapter()
         return int(state["round"])
 

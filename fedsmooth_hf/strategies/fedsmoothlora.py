@@ -131,6 +131,9 @@ class FedSmoothLoRA(FederatedStrategy):
             upload[name] = truncated_svd(
                 [B.float().cpu(), B_ga], [A.float().cpu(), A_ga], self.rank, [1.0, -1.0]
             )
+            if not (torch.isfinite(upload[name][0]).all() and torch.isfinite(upload[name][1]).all()):
+                # not recorded: a non-finite upload would poison this client's next Round-Matching start
+                raise ValueError(f"client {client}: the upload of module '{name}' is non-finite")
         self._client_uploads[client] = upload
         return upload
 
