@@ -1,0 +1,101 @@
+"""The Flower ClientApp: forwards each round to this machine's client node.
+
+A message carries the server updates this client has not applied yet and, for a
+training round, the round number; the reply carries the LoRA upload and metrics.
+Where the process lives on (simulation actors), the node (model + trainer) is cached
+in it; where it does not (a SuperNode's ``flwr-clientapp`` runs one message per
+process), the round goes to a long-lived worker process (:mod:`.worker`), which may be
+a multi-GPU ``accelerate launch`` group.
+
+This module imports neither torch nor transformers unless the node runs in-process.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+__all__ = ["make_client_app", "client_state_dir"]
+
+_NODES = None  # this process's NodeCache, created on first in-process use
+WORKER_MODES = ("auto", "inprocess", "process")
+
+
+def client_state_dir(config: Mapping, node_config: Mapping, partition_id: int) -> Path:
+    """``state-dir`` from the node config, else ``<client-state-dir>/partition-<id>`` from the run config."""
+    if node_config.get("state-dir"):
+        return Path(str(node_config["state-dir"]))
+    root = config.get("client-state-dir") or Path(tempfile.gettempdir()) / "fedsmooth_hf_flower"
+    return Path(str(root)) / f"partition-{partition_id}"
+
+
+def _short_lived_process() -> bool:
+    """True inside a SuperNode's per-message ``flwr-clientapp`` process."""
+    return sys.argv[0].endswith("flwr-clientapp")
+
+
+def to_arrays(record: ArrayRecord | None) -> dict[str, np.ndarray]:
+    return {} if record is None else {k: v.numpy() for k, v in record.items()}
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def make_client_app(build_trainer: Callable, defaults: Mapping | None = None) -> ClientApp:
+    """A ClientApp whose clients are ``build_trainer(partition_id, run_config)`` trainers.
+
+    ``build_trainer`` returns the :class:`~fedsmooth_hf.FederatedTrainer` of one client
+    (holding the whole federation's ``client_datasets`` or only this client's data); it
+    must be a module-level function when a worker process is used. ``defaults`` fill in
+    run-config keys the run does not set. Node config keys: ``partition-id`` (required),
+    ``state-dir``, ``worker`` (``auto``/``inprocess``/``process``) and ``launcher`` (for
+    example ``"accelerate launch --num_processes 4"``: the local round runs on a
+    worker process group, Flower talks to rank 0 only).
+    """
+    app = ClientApp()
+    defaults = dict(defaults or {})
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        if "partition-id" not in context.node_config:
+            raise ValueError("this SuperNode has no partition-id: start it with --node-config 'partition-id=<k>'")
+        info = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
+        return Message(RecordDict({"node": info}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = {**defaults, **context.run_config}
+        node_config = context.node_config
+        partition_id = int(node_config["partition-id"])
+        state_dir = client_state_dir(config, node_config, partition_id)
+        request = dict(msg.content["config"])
+        arrays = to_arrays(msg.content.array_records.get("updates"))
+        mode = str(node_config.get("worker", config.get("worker", "auto")))
+        if mode not in WORKER_MODES:
+            raise ValueError(f"worker={mode!r}: must be one of {WORKER_MODES}")
+        launcher = str(node_config.get("launcher", config.get("launcher", "")))
+        if launcher or mode == "process" or (mode == "auto" and _short_lived_process()):
+            from .node import builder_ref
+            from .worker import call_worker
+
+            spec = {"builder": builder_ref(build_trainer), "client": partition_id, "state_dir": str(state_dir),
+                    "config": config, "idle_timeout": float(config.get("worker-idle-timeout", 3600))}
+            metrics, upload = call_worker(spec, ("handle", request, arrays), launcher)
+        else:
+            global _NODES
+            from .node import NodeCache
+
+            _NODES = _NODES or NodeCache()
+            node = _NODES.get(build_trainer, partition_id, config, state_dir, request["run_token"])
+            metrics, upload = node.handle(request, arrays)
+        content = RecordDict({"metrics": MetricRecord(metrics), "upload": to_record(upload)})
+        return Message(content, reply_to=msg)
+
+    return app
