@@ -48,12 +48,14 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def make_client_app(build_trainer: Callable, defaults: Mapping | None = None) -> ClientApp:
+def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = None) -> ClientApp:
     """A ClientApp whose clients are ``build_trainer(partition_id, run_config)`` trainers.
 
     ``build_trainer`` returns the :class:`~fedsmooth_hf.FederatedTrainer` of one client
-    (holding the whole federation's ``client_datasets`` or only this client's data); it
-    must be a module-level function when a worker process is used. ``defaults`` fill in
+    (holding the whole federation's ``client_datasets`` or only this client's data). Give
+    it as ``"module:function"`` so the per-message ClientApp process never imports your
+    training code (torch, transformers, data); a function works too, but then it must be
+    module-level when a worker process is used. ``defaults`` fill in
     run-config keys the run does not set. Node config keys: ``partition-id`` (required),
     ``state-dir``, ``worker`` (``auto``/``inprocess``/``process``) and ``launcher`` (for
     example ``"accelerate launch --num_processes 4"``: the local round runs on a
@@ -85,15 +87,17 @@ def make_client_app(build_trainer: Callable, defaults: Mapping | None = None) ->
             from .node import builder_ref
             from .worker import call_worker
 
-            spec = {"builder": builder_ref(build_trainer), "client": partition_id, "state_dir": str(state_dir),
+            ref = build_trainer if isinstance(build_trainer, str) else builder_ref(build_trainer)
+            spec = {"builder": ref, "client": partition_id, "state_dir": str(state_dir),
                     "config": config, "idle_timeout": float(config.get("worker-idle-timeout", 3600))}
             metrics, upload = call_worker(spec, ("handle", request, arrays), launcher)
         else:
             global _NODES
-            from .node import NodeCache
+            from .node import NodeCache, load_builder
 
             _NODES = _NODES or NodeCache()
-            node = _NODES.get(build_trainer, partition_id, config, state_dir, request["run_token"])
+            build = load_builder(build_trainer) if isinstance(build_trainer, str) else build_trainer
+            node = _NODES.get(build, partition_id, config, state_dir, request["run_token"])
             metrics, upload = node.handle(request, arrays)
         content = RecordDict({"metrics": MetricRecord(metrics), "upload": to_record(upload)})
         return Message(content, reply_to=msg)

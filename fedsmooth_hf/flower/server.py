@@ -175,9 +175,9 @@ def run_federation(grid: Grid, trainer, config: Mapping, run_token: str) -> list
     return trainer.round_history
 
 
-def make_server_app(build_trainer: Callable, defaults: Mapping | None = None,
+def make_server_app(build_trainer: Callable | str, defaults: Mapping | None = None,
                     on_finish: Callable | None = None) -> ServerApp:
-    """A ServerApp whose global model is ``build_trainer(None, run_config)``.
+    """A ServerApp whose global model is ``build_trainer(None, run_config)`` (a function or ``"module:function"``).
 
     Run-config keys (beyond whatever ``build_trainer`` reads): ``min-available-nodes``
     (default ``num_clients``), ``wait-for-nodes-timeout`` (s), ``min-fit-fraction`` (a
@@ -192,7 +192,10 @@ def make_server_app(build_trainer: Callable, defaults: Mapping | None = None,
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = {**defaults, **context.run_config}
-        trainer = build_trainer(None, config)
+        from .node import load_builder
+
+        build = load_builder(build_trainer) if isinstance(build_trainer, str) else build_trainer
+        trainer = build(None, config)
         run_federation(grid, trainer, config, run_token=str(context.run_id))
         output_dir = str(config.get("output-dir") or trainer.args.output_dir)
         trainer.save_model(output_dir)
