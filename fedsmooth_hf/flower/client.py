@@ -64,21 +64,14 @@ def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = No
     app = ClientApp()
     defaults = dict(defaults or {})
 
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        if "partition-id" not in context.node_config:
-            raise ValueError("this SuperNode has no partition-id: start it with --node-config 'partition-id=<k>'")
-        info = ConfigRecord({"partition-id": int(context.node_config["partition-id"])})
-        return Message(RecordDict({"node": info}), reply_to=msg)
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def dispatch(context: Context, request: tuple) -> tuple[dict, dict]:
+        """Run ``request`` on this node: in this process (cached) or on its long-lived worker."""
         config = {**defaults, **context.run_config}
         node_config = context.node_config
+        if "partition-id" not in node_config:
+            raise ValueError("this SuperNode has no partition-id: start it with --node-config 'partition-id=<k>'")
         partition_id = int(node_config["partition-id"])
         state_dir = client_state_dir(config, node_config, partition_id)
-        request = dict(msg.content["config"])
-        arrays = to_arrays(msg.content.array_records.get("updates"))
         mode = str(node_config.get("worker", config.get("worker", "auto")))
         if mode not in WORKER_MODES:
             raise ValueError(f"worker={mode!r}: must be one of {WORKER_MODES}")
@@ -90,15 +83,26 @@ def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = No
             ref = build_trainer if isinstance(build_trainer, str) else builder_ref(build_trainer)
             spec = {"builder": ref, "client": partition_id, "state_dir": str(state_dir),
                     "config": config, "idle_timeout": float(config.get("worker-idle-timeout", 3600))}
-            metrics, upload = call_worker(spec, ("handle", request, arrays), launcher)
-        else:
-            global _NODES
-            from .node import NodeCache, load_builder
+            return call_worker(spec, request, launcher)
+        global _NODES
+        from .node import NodeCache, load_builder
 
-            _NODES = _NODES or NodeCache()
-            build = load_builder(build_trainer) if isinstance(build_trainer, str) else build_trainer
-            node = _NODES.get(build, partition_id, config, state_dir, request["run_token"])
-            metrics, upload = node.handle(request, arrays)
+        _NODES = _NODES or NodeCache()
+        build = load_builder(build_trainer) if isinstance(build_trainer, str) else build_trainer
+        return _NODES.serve(build, partition_id, config, state_dir, request)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Get ready (load the model once, before round 1) and say which partition this node holds."""
+        metrics, _ = dispatch(context, ("ready", dict(msg.content["config"]), {}))
+        info = ConfigRecord({"partition-id": int(context.node_config["partition-id"]),
+                             "num-examples": int(metrics["num_examples"])})
+        return Message(RecordDict({"node": info}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        request = ("handle", dict(msg.content["config"]), to_arrays(msg.content.array_records.get("updates")))
+        metrics, upload = dispatch(context, request)
         content = RecordDict({"metrics": MetricRecord(metrics), "upload": to_record(upload)})
         return Message(content, reply_to=msg)
 

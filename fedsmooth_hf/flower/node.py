@@ -216,6 +216,15 @@ class NodeCache:
         return node
 
 
+    def serve(self, build_trainer, client: int, config: Mapping, state_dir, request: tuple) -> tuple[dict, dict]:
+        """One request of the ClientApp: ``("ready", config, {})`` or ``("handle", config, arrays)``."""
+        action, message_config, arrays = request
+        node = self.get(build_trainer, client, config, state_dir, message_config["run_token"])
+        if action == "ready":
+            return {"num_examples": node.num_examples}, {}
+        return node.handle(message_config, arrays)
+
+
 def load_builder(ref: str):
     """``"package.module:function"`` -> the function (how a worker process finds the user's builder)."""
     import importlib

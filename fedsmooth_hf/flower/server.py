@@ -49,9 +49,10 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def _partition_map(grid: Grid, nodes: list[int], timeout: float | None) -> dict[int, int]:
-    """partition-id -> node id, asked of every connected node."""
-    msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+def _partition_map(grid: Grid, nodes: list[int], timeout: float | None, run_token: str) -> dict[int, int]:
+    """partition-id -> node id, asked of every connected node; each loads its model before it answers."""
+    ready = RecordDict({"config": ConfigRecord({"run_token": run_token})})
+    msgs = [Message(ready, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     mapping: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         if reply.has_error():
@@ -62,6 +63,13 @@ def _partition_map(grid: Grid, nodes: list[int], timeout: float | None) -> dict[
             raise FederationError(f"two SuperNodes claim partition-id={pid}: every client needs its own")
         mapping[pid] = reply.metadata.src_node_id
     return mapping
+
+
+def _too_few(round_idx, got, clients, needed, fraction, failed):
+    raise FederationError(
+        f"round {round_idx + 1}: {got} of {len(clients)} sampled clients returned an upload, "
+        f"min-fit-fraction={fraction} needs {needed}; failed clients: {failed}"
+    )
 
 
 def model_bytes(trainer) -> int:
@@ -80,7 +88,7 @@ def run_federation(grid: Grid, trainer, config: Mapping, run_token: str) -> list
     min_fit_fraction = _option(config, "min-fit-fraction", 1.0)
     timeout = _option(config, "round-timeout", 0.0) or None
     nodes = _wait_for_nodes(grid, min_nodes, _option(config, "wait-for-nodes-timeout", 300.0))
-    partitions = _partition_map(grid, nodes, timeout)
+    partitions = _partition_map(grid, nodes, _option(config, "query-timeout", 900.0), run_token)
     logger.info("federation: partitions %s on %d SuperNodes", sorted(partitions), len(nodes))
     fingerprint = {f"fp-{k}": v for k, v in federation_fingerprint(trainer).items()}
     full_model = model_bytes(trainer)
@@ -105,12 +113,16 @@ def run_federation(grid: Grid, trainer, config: Mapping, run_token: str) -> list
         clients = trainer.sample_clients(round_idx)
         failed: dict[int, str] = {}
         msgs, download = [], {}
+        needed = math.ceil(min_fit_fraction * len(clients))
         for c in clients:
             if c not in partitions:
                 failed[c] = "no connected SuperNode has this partition-id"
-                continue
-            msgs.append(message(partitions[c], "train", round_idx))
-            download[c] = msgs[-1].content["updates"].count_bytes()
+        if len(clients) - len(failed) < needed:  # fail before anyone trains
+            _too_few(round_idx, 0, clients, needed, min_fit_fraction, failed)
+        for c in clients:
+            if c not in failed:
+                msgs.append(message(partitions[c], "train", round_idx))
+                download[c] = msgs[-1].content["updates"].count_bytes()
         replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)} if msgs else {}
         uploads, weights, extras, losses, wire, lora = {}, {}, {}, {}, {}, {}
         for c in clients:
@@ -132,12 +144,8 @@ def run_federation(grid: Grid, trainer, config: Mapping, run_token: str) -> list
                 lora[c] = raw_bytes({k: v for k, v in arrays.items() if k.startswith("lora/")})
                 synced[partitions[c]] = round_idx
                 initialized.add(partitions[c])
-        needed = math.ceil(min_fit_fraction * len(clients))
         if len(uploads) < max(needed, 1):
-            raise FederationError(
-                f"round {round_idx + 1}: {len(uploads)} of {len(clients)} sampled clients returned an upload, "
-                f"min-fit-fraction={min_fit_fraction} needs {needed}; failed clients: {failed}"
-            )
+            _too_few(round_idx, len(uploads), clients, needed, min_fit_fraction, failed)
         for c, reason in failed.items():
             logger.warning("round %d: client %d failed: %s", round_idx + 1, c, reason)
         update = trainer.strategy.aggregate(uploads, weights)
@@ -167,7 +175,7 @@ def run_federation(grid: Grid, trainer, config: Mapping, run_token: str) -> list
     final = [message(node, "sync", fa.num_rounds, finish=True) for node in sorted(partitions.values())]
     sums = {}
     by_node = {n: c for c, n in partitions.items()}
-    for reply in grid.send_and_receive(final, timeout=timeout or _option(config, "final-sync-timeout", 600.0)):
+    for reply in grid.send_and_receive(final, timeout=_option(config, "final-sync-timeout", timeout or 600.0)):
         if not reply.has_error():
             sums[str(by_node[reply.metadata.src_node_id])] = float(reply.content["metrics"]["base_weight_sum"])
     trainer.round_history.append({"round": fa.num_rounds, "final_sync": True, "server_base_weight_sum":
@@ -182,7 +190,10 @@ def make_server_app(build_trainer: Callable | str, defaults: Mapping | None = No
     Run-config keys (beyond whatever ``build_trainer`` reads): ``min-available-nodes``
     (default ``num_clients``), ``wait-for-nodes-timeout`` (s), ``min-fit-fraction`` (a
     round needs this share of its sampled clients' uploads, default 1.0: any failure
-    stops the run with the reasons), ``round-timeout`` (s, 0 = wait), ``output-dir``
+    stops the run with the reasons), ``round-timeout`` (s, 0 = wait), ``final-sync-timeout``
+    (s, for bringing every client to the final model; default the round timeout),
+    ``query-timeout`` (s, for the SuperNodes to load their model and say their partition-id,
+    default 900), ``output-dir``
     (where the merged model and ``federated_history.json`` go; default the trainer's
     ``output_dir``). ``on_finish(trainer)`` is called at the end (tests, notebooks).
     """

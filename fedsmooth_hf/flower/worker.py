@@ -127,11 +127,9 @@ def serve(spec: dict) -> None:
                 conn.send(("ok",))
                 conn.close()
             break
-        config = {}
+        config = request[1]
         try:
-            _, config, arrays = request
-            node = nodes.get(build, spec["client"], spec["config"], state_dir, config["run_token"])
-            reply = ("ok", *node.handle(config, arrays))
+            reply = ("ok", *nodes.serve(build, spec["client"], spec["config"], state_dir, request))
         except Exception:  # noqa: BLE001 - reported to the ClientApp, which fails the round for this client
             reply = ("error", traceback.format_exc())
         if conn is not None:
