@@ -56,7 +56,8 @@ def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = No
     it as ``"module:function"`` so the per-message ClientApp process never imports your
     training code (torch, transformers, data); a function works too, but then it must be
     module-level when a worker process is used. ``defaults`` fill in
-    run-config keys the run does not set. Node config keys: ``partition-id`` (required),
+    run-config keys the run does not set; the builder's config is the run config with the
+    node config on top. Node config keys: ``partition-id`` (required),
     ``state-dir``, ``worker`` (``auto``/``inprocess``/``process``) and ``launcher`` (for
     example ``"accelerate launch --num_processes 4"``: the local round runs on a
     worker process group, Flower talks to rank 0 only).
@@ -66,8 +67,9 @@ def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = No
 
     def dispatch(context: Context, request: tuple) -> tuple[dict, dict]:
         """Run ``request`` on this node: in this process (cached) or on its long-lived worker."""
-        config = {**defaults, **context.run_config}
         node_config = context.node_config
+        # the builder sees the run config with this node's own keys on top (e.g. its local data paths)
+        config = {**defaults, **context.run_config, **node_config}
         if "partition-id" not in node_config:
             raise ValueError("this SuperNode has no partition-id: start it with --node-config 'partition-id=<k>'")
         partition_id = int(node_config["partition-id"])
@@ -96,7 +98,8 @@ def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = No
         """Get ready (load the model once, before round 1) and say which partition this node holds."""
         metrics, _ = dispatch(context, ("ready", dict(msg.content["config"]), {}))
         info = ConfigRecord({"partition-id": int(context.node_config["partition-id"]),
-                             "num-examples": int(metrics["num_examples"])})
+                             "num-examples": int(metrics["num_examples"]),
+                             "base-weight-sum": float(metrics["base_weight_sum"])})
         return Message(RecordDict({"node": info}), reply_to=msg)
 
     @app.train()

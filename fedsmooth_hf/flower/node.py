@@ -221,7 +221,7 @@ class NodeCache:
         action, message_config, arrays = request
         node = self.get(build_trainer, client, config, state_dir, message_config["run_token"])
         if action == "ready":
-            return {"num_examples": node.num_examples}, {}
+            return {"num_examples": node.num_examples, "base_weight_sum": base_weight_sum(node.trainer)}, {}
         return node.handle(message_config, arrays)
 
 

@@ -49,8 +49,13 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def _partition_map(grid: Grid, nodes: list[int], timeout: float | None, run_token: str) -> dict[int, int]:
-    """partition-id -> node id, asked of every connected node; each loads its model before it answers."""
+def _partition_map(grid: Grid, nodes: list[int], timeout: float | None, run_token: str,
+                   base_sum: float) -> dict[int, int]:
+    """partition-id -> node id, asked of every connected node; each loads its model before it answers.
+
+    A node whose base model differs from the server's (another checkpoint, another
+    pretraining) would train on weights the server never merges into: it is refused.
+    """
     ready = RecordDict({"config": ConfigRecord({"run_token": run_token})})
     msgs = [Message(ready, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     mapping: dict[int, int] = {}
@@ -59,6 +64,12 @@ def _partition_map(grid: Grid, nodes: list[int], timeout: float | None, run_toke
             logger.warning("node %s did not say its partition-id: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
         pid = int(reply.content["node"]["partition-id"])
+        theirs = float(reply.content["node"]["base-weight-sum"])
+        if not math.isclose(theirs, base_sum, rel_tol=1e-9, abs_tol=1e-9):
+            raise FederationError(
+                f"the SuperNode with partition-id={pid} loaded a different base model than the server "
+                f"(weight checksum {theirs!r} vs {base_sum!r}): every node must start from the same checkpoint"
+            )
         if pid in mapping:
             raise FederationError(f"two SuperNodes claim partition-id={pid}: every client needs its own")
         mapping[pid] = reply.metadata.src_node_id
@@ -88,7 +99,8 @@ def run_federation(grid: Grid, trainer, config: Mapping, run_token: str) -> list
     min_fit_fraction = _option(config, "min-fit-fraction", 1.0)
     timeout = _option(config, "round-timeout", 0.0) or None
     nodes = _wait_for_nodes(grid, min_nodes, _option(config, "wait-for-nodes-timeout", 300.0))
-    partitions = _partition_map(grid, nodes, _option(config, "query-timeout", 900.0), run_token)
+    partitions = _partition_map(grid, nodes, _option(config, "query-timeout", 900.0), run_token,
+                                base_weight_sum(trainer))
     logger.info("federation: partitions %s on %d SuperNodes", sorted(partitions), len(nodes))
     fingerprint = {f"fp-{k}": v for k, v in federation_fingerprint(trainer).items()}
     full_model = model_bytes(trainer)

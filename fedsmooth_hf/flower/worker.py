@@ -100,6 +100,9 @@ def serve(spec: dict) -> None:
 
         PartialState()  # joins the process group the Trainer will use
     state_dir = Path(spec["state_dir"])
+    launched_by = "accelerate" if any(k.startswith("ACCELERATE_") for k in os.environ) else "python"
+    print(f"[fedsmooth worker] client {spec['client']}: rank {rank} of {world}, pid {os.getpid()}, "
+          f"launched by {launched_by}", flush=True)
     build = load_builder(spec["builder"])
     nodes = NodeCache()
     listener = None
