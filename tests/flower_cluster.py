@@ -172,11 +172,14 @@ class Cluster:
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
 
-    def start_supernode(self, name: str, partition_id: int, state_dir: Path, private_key: Path | None = None):
+    def start_supernode(self, name: str, partition_id: int, state_dir: Path, private_key: Path | None = None,
+                        launcher: str = ""):
         security = ["--root-certificates", self.tls["ca"]] if self.secure else ["--insecure"]
         if private_key is not None:
             security += ["--auth-supernode-private-key", private_key]
         node_config = f'partition-id={partition_id} state-dir="{state_dir}"'
+        if launcher:
+            node_config += f' launcher="{launcher}"'
         return self._start(name, [BIN / "flower-supernode", *security, "--superlink", self.address,
                                   "--port", free_port(), "--node-config", node_config])
 

@@ -29,7 +29,9 @@ def cluster(tmp_path_factory):
         for i in range(2):
             private, public = make_node_key(root, f"node{i}")
             cluster.register(public)
-            cluster.start_supernode(f"supernode{i}", i, root / "clients" / f"partition-{i}", private)
+            # client 0 is a "multi-GPU silo": its local rounds run on an accelerate launch group (1 CPU process here)
+            cluster.start_supernode(f"supernode{i}", i, root / "clients" / f"partition-{i}", private,
+                                    launcher="accelerate launch --num_processes 1 --cpu" if i == 0 else "")
         yield cluster
     finally:
         cluster.close()
@@ -69,6 +71,13 @@ def test_two_supernodes_match_in_process_run_and_unregistered_key_is_refused(clu
     got = load_file(os.path.join(config["output-dir"], "model.safetensors"))
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+    # client 0 trained on its accelerate-launched worker, client 1 on a plain one; the model loaded once each
+    for i, launched_by in enumerate(["accelerate", "python"]):
+        worker_log = (cluster.root / "clients" / f"partition-{i}" / "worker.log").read_text()
+        assert f"client {i}: rank 0 of 1" in worker_log and f"launched by {launched_by}" in worker_log
+        assert worker_log.count("[fedsmooth worker]") == 1
+        node = json.loads((cluster.root / "clients" / f"partition-{i}" / "node.json").read_text())
+        assert node["loads"] == 1 and node["applied"] == 2
     # clients and server ended on identical base weights
     final = history[-1]
     assert final["client_base_weight_sum"] == {"0": final["server_base_weight_sum"],

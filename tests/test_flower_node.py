@@ -32,7 +32,7 @@ def test_restarted_client_resumes_from_its_state_dir(tmp_path):
 
     # a new process: the pretrained model again, the state dir of after round 1
     restarted = ClientNode(build_trainer(1, config), 1, tmp_path / "client-after-round-1", "run-1")
-    assert restarted.applied == 0 and restarted.has_initial_adapter
+    assert restarted.applied == 0 and restarted.has_initial_adapter and restarted.loads == 2
     own = restarted.trainer.strategy._client_uploads[1]  # FedSmoothLoRA's Round-Matching memory survived
     for name, (B, A) in arrays_to_factors("lora", upload).items():
         assert torch.equal(own[name][0], B) and torch.equal(own[name][1], A)

@@ -1,5 +1,6 @@
 """Flower simulation engine (Ray actors, real Flower messages): same weights as FederatedTrainer in-process."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -69,6 +70,10 @@ def test_simulation_matches_in_process_trainer(tmp_path, model_dir, strategy, mo
         assert value == final["server_base_weight_sum"]
     # the merged model and its history were written where the run config says
     assert (tmp_path / "merged" / "federated_history.json").is_file()
+    # each client loaded its model once and kept it across the rounds
+    for c in range(4):
+        node = json.loads((tmp_path / "clients" / f"partition-{c}" / "node.json").read_text())
+        assert node["loads"] == 1 and node["applied"] == 3
     # FedSmoothLoRA's per-client state lives with the client, on disk
     if strategy == "fedsmoothlora":
         from safetensors.torch import load_file

@@ -23,7 +23,6 @@ from flwr.clientapp import ClientApp
 
 __all__ = ["make_client_app", "client_state_dir"]
 
-_NODES = None  # this process's NodeCache, created on first in-process use
 WORKER_MODES = ("auto", "inprocess", "process")
 
 
@@ -86,12 +85,10 @@ def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = No
             spec = {"builder": ref, "client": partition_id, "state_dir": str(state_dir),
                     "config": config, "idle_timeout": float(config.get("worker-idle-timeout", 3600))}
             return call_worker(spec, request, launcher)
-        global _NODES
-        from .node import NodeCache, load_builder
+        from .node import PROCESS_NODES, load_builder
 
-        _NODES = _NODES or NodeCache()
         build = load_builder(build_trainer) if isinstance(build_trainer, str) else build_trainer
-        return _NODES.serve(build, partition_id, config, state_dir, request)
+        return PROCESS_NODES.serve(build, partition_id, config, state_dir, request)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

@@ -88,6 +88,7 @@ class ClientNode:
         self.is_writer = trainer.args.process_index == 0  # rank 0 of a worker group writes the state
         self.run_token = str(run_token)
         self.applied = 0
+        self.loads = 1  # processes that loaded the model for this run: 1 unless a client process restarted
         self.has_initial_adapter = False
         if self.is_writer:
             (self.state_dir / UPDATES_DIR).mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,7 @@ class ClientNode:
         self.trainer.strategy.load_state_dict(load_tensors(str(self.state_dir / STRATEGY_FILE)))
         self.trainer._load_global_adapter()
         self.applied = int(saved["applied"])
+        self.loads = int(saved.get("loads", 0)) + 1
         logger.info("client %d: restored %d applied updates from %s", self.client, self.applied, self.state_dir)
 
     def _persist(self) -> None:
@@ -134,7 +136,7 @@ class ClientNode:
         save_file({k: v.contiguous() for k, v in self.trainer.strategy.state_dict().items()}, str(tmp))
         os.replace(tmp, self.state_dir / STRATEGY_FILE)
         _save_json(self.state_dir / NODE_FILE, {
-            "client": self.client, "applied": self.applied, "run_token": self.run_token,
+            "client": self.client, "applied": self.applied, "run_token": self.run_token, "loads": self.loads,
             "fingerprint": federation_fingerprint(self.trainer)})
 
     def _adopt_initial_adapter(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -223,6 +225,11 @@ class NodeCache:
         if action == "ready":
             return {"num_examples": node.num_examples, "base_weight_sum": base_weight_sum(node.trainer)}, {}
         return node.handle(message_config, arrays)
+
+
+#: This process's nodes. Module state on purpose: the ClientApp's handlers may be shipped to a
+#: simulation actor by value (cloudpickle), with a fresh copy of their own module globals each time.
+PROCESS_NODES = NodeCache()
 
 
 def load_builder(ref: str):
