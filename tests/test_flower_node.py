@@ -51,3 +51,37 @@ def test_restarted_client_resumes_from_its_state_dir(tmp_path):
     # a server that disagrees on the federation is refused with the difference named
     with pytest.raises(ValueError, match="seed"):
         again.handle({**message(1, 1, 0), "fp-seed": 8}, {})
+
+
+def test_worker_process_group_trains_and_answers_through_rank_0(tmp_path):
+    """A multi-process client (launcher): 2 CPU ranks under torchrun, the ClientApp talks to rank 0 only."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from flower_cluster import free_port
+
+    from fedsmooth_hf.flower.worker import call_worker
+
+    make_tiny_llama().save_pretrained(tmp_path / "model")
+    config = {"model-path": str(tmp_path / "model"), "num-clients": 2, "trainer-output-dir": str(tmp_path / "out")}
+    server = build_trainer(None, config)
+    fingerprint = {f"fp-{k}": v for k, v in federation_fingerprint(server).items()}
+    spec = {"builder": "flower_task:build_trainer", "client": 1, "state_dir": str(tmp_path / "client"),
+            "config": config, "idle_timeout": 300}
+    launcher = f"{Path(sys.executable).parent / 'torchrun'} --nproc_per_node 2 --master_port {free_port()}"
+    ready, _ = call_worker(spec, ("ready", {"run_token": "run-1"}, {}), launcher)
+    assert ready["num_examples"] == 32
+    message = {"action": "train", "round": 0, "first_update": 0, "num_updates": 0, "run_token": "run-1",
+               "finish": True, **fingerprint}
+    metrics, upload = call_worker(spec, ("handle", message, factors_to_arrays("init", server.strategy.init_lora)),
+                                  launcher)
+    r = server.lora_rank
+    for name, layer in server.layers.items():
+        assert upload[f"lora/{name}/B"].shape == (layer.out_features, r)
+        assert upload[f"lora/{name}/A"].shape == (r, layer.in_features)
+        assert np.isfinite(upload[f"lora/{name}/B"]).all()
+    assert np.isfinite(metrics["train_loss"])
+    log = (tmp_path / "client" / "worker.log").read_text()
+    assert "client 1: rank 0 of 2" in log and "client 1: rank 1 of 2" in log
+    assert (tmp_path / "client" / "node.json").is_file()  # written by rank 0
