@@ -76,9 +76,9 @@ def _partition_map(grid: Grid, nodes: list[int], timeout: float | None, run_toke
     return mapping
 
 
-def _too_few(round_idx, got, clients, needed, fraction, failed):
+def _too_few(round_idx, got, clients, needed, fraction, failed, what="returned an upload"):
     raise FederationError(
-        f"round {round_idx + 1}: {got} of {len(clients)} sampled clients returned an upload, "
+        f"round {round_idx + 1}: {got} of {len(clients)} sampled clients {what}, "
         f"min-fit-fraction={fraction} needs {needed}; failed clients: {failed}"
     )
 
@@ -130,7 +130,8 @@ def run_federation(grid: Grid, trainer, config: Mapping, run_token: str) -> list
             if c not in partitions:
                 failed[c] = "no connected SuperNode has this partition-id"
         if len(clients) - len(failed) < needed:  # fail before anyone trains
-            _too_few(round_idx, 0, clients, needed, min_fit_fraction, failed)
+            _too_few(round_idx, len(clients) - len(failed), clients, needed, min_fit_fraction, failed,
+                     "have a connected SuperNode")
         for c in clients:
             if c not in failed:
                 msgs.append(message(partitions[c], "train", round_idx))
