@@ -122,9 +122,11 @@ def test_killed_supernode_round_completes_or_fails_as_configured(cluster):
     assert list(rounds[1]["client_train_loss"]) == ["0"]
 
     # min-fit-fraction=1.0 with the node gone: the run stops with a message that says why
-    config = _app_config(cluster, "strict", **{"min-available-nodes": 1, "query-timeout": 10.0})
+    # (query-timeout: long enough for client 0 to load its model, the dead node never answers)
+    config = _app_config(cluster, "strict", **{"min-available-nodes": 1, "query-timeout": 40.0})
     run = _run(cluster, "strict", config)
     run.wait(timeout=600)
     log = cluster.log("strict")
-    assert "FederationError" in log and "min-fit-fraction=1.0 needs 2" in log, log[-3000:]
+    assert "FederationError: round 1: 1 of 2 sampled clients have a connected SuperNode" in log, log[-3000:]
+    assert "min-fit-fraction=1.0 needs 2; failed clients: {1: 'no connected SuperNode" in log, log[-3000:]
     assert not os.path.exists(os.path.join(config["output-dir"], "model.safetensors"))
