@@ -201,8 +201,11 @@ class Cluster:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
+        from fedsmooth_hf.flower.worker import socket_path
+
         for pid_file in self.root.rglob("worker.pid"):  # client workers outlive their SuperNode by design
             try:
                 os.killpg(int(pid_file.read_text()), signal.SIGKILL)
             except (ProcessLookupError, ValueError, PermissionError):
                 pass
+            Path(socket_path(pid_file.parent)).unlink(missing_ok=True)
