@@ -31,9 +31,12 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
         "qlora": ["bitsandbytes>=0.45"],
-        "flower": ["flwr[simulation]>=1.20"],
+        # 1.42: one HTTP port per SuperLink/SuperNode, connections in $FLWR_HOME/config.toml (docs/flower.md);
+        # cryptography: TLS certificates and SuperNode keys
+        "flower": ["flwr[simulation]>=1.42", "cryptography"],
         "recipes": ["gguf>=0.10", "matplotlib", "scikit-learn", "sentencepiece"],
-        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.5", "matplotlib", "scikit-learn", "gguf>=0.10"],
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.5", "matplotlib", "scikit-learn", "gguf>=0.10",
+                "flwr[simulation]>=1.42", "cryptography"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -60,7 +60,7 @@ from .merge import (
     merge_into_base,
 )
 from .partition import partition_dataset, partition_summary
-from .strategies import FederatedStrategy, strategy_from_options
+from .strategies import FederatedStrategy, ServerUpdate, strategy_from_options
 
 logger = logging.getLogger(__name__)
 
@@ -516,6 +516,36 @@ class FederatedTrainer(Trainer):
             if "loss" in entry:
                 return float(entry["loss"])
         return None
+
+    # ------------------------------------------------------------------ one node of a federation
+    def train_client_round(self, round_idx: int, client: int, ignore_keys_for_eval=None) -> dict:
+        """Run client ``client``'s local round ``round_idx`` (0-based) on its own; return its upload.
+
+        The step ``train()`` runs for every sampled client (gradient estimate, strategy
+        start, Trainer inner loop, upload), for a process that holds one client of a
+        federation (``fedsmooth_hf.flower``). Same seed, same result as inside ``train()``.
+        Returns ``upload``, ``extras`` (trained ``modules_to_save``), ``train_loss`` and timings.
+        """
+        self.strategy.begin_round(round_idx)
+        self._round_ctx = (round_idx + 1, client)
+        try:
+            return self._train_client(round_idx, client, self.round_learning_rate(round_idx), ignore_keys_for_eval)
+        finally:
+            self._round_ctx = None
+
+    @torch.no_grad()
+    def apply_server_update(self, update: ServerUpdate, extras: dict[str, torch.Tensor] | None = None) -> None:
+        """Take a round's aggregate: merge it into the base and adopt the server's strategy state.
+
+        How a federation's server and clients keep identical base weights: each applies
+        the same broadcast update (``train()`` does the same after its own aggregate).
+        ``extras`` are the averaged ``modules_to_save`` values.
+        """
+        merge_into_base(self.layers, update.merge, ADAPTER)
+        self.strategy.receive_update(update)
+        if extras:
+            self._set_extras(extras)
+        self._load_global_adapter()
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Run the federated rounds; ``resume_from_checkpoint`` continues after a saved round."""

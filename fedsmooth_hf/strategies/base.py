@@ -203,6 +203,14 @@ class FederatedStrategy:
         """The adapter of the current global model (``None`` = zero adapter)."""
         return None
 
+    def receive_update(self, update: ServerUpdate) -> None:
+        """Client side of a federation: adopt the server state that ``update`` carries.
+
+        When server and clients are separate processes (``fedsmooth_hf.flower``), a
+        client's strategy never runs :meth:`aggregate`; this gives it the part of the
+        server's state its next :meth:`client_start` reads. Stateless by default.
+        """
+
     def _validated(
         self, uploads: Mapping[int, ModuleFactors], weights: Mapping[int, float]
     ) -> dict[int, float]:
@@ -264,6 +272,11 @@ class GlobalAdapterStrategy(FederatedStrategy):
 
     def global_lora(self) -> ModuleFactors:
         return self._global
+
+    def receive_update(self, update: ServerUpdate) -> None:
+        if update.global_lora is None:
+            raise ValueError(f"{self.name}: the server update carries no global adapter")
+        self._global = {n: (B.clone(), A.clone()) for n, (B, A) in update.global_lora.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return flatten_factors("global", self._global)

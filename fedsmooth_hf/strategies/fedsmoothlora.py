@@ -145,6 +145,10 @@ class FedSmoothLoRA(FederatedStrategy):
         self._server = truncated_product_mean(uploads, w, self.rank)
         return ServerUpdate(merge=self._server, global_lora=None)
 
+    def receive_update(self, update: ServerUpdate) -> None:
+        """The server's aggregate ``(B_s, A_s)`` is the merged update: Round-Matching reads it."""
+        self._server = {n: (B.clone(), A.clone()) for n, (B, A) in update.merge.items()}
+
     # -- persistence -----------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {}

@@ -1,0 +1,253 @@
+"""One client of a federation: a FederatedTrainer over this client's data, kept loaded.
+
+A :class:`ClientNode` applies the server's broadcast updates (so its base weights stay
+identical to the server's), runs its local round with
+:meth:`FederatedTrainer.train_client_round` and returns the upload. The strategy's
+per-client state (FedSmoothLoRA: this client's last upload and the server aggregate)
+lives here, in ``state_dir`` (safetensors + JSON), together with every update applied
+so far: a restarted client process reloads the pretrained model, replays the updates
+and continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .wire import arrays_to_factors, arrays_to_update, factors_to_arrays, tensors_to_arrays
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ClientNode", "NodeCache", "load_builder", "federation_fingerprint", "base_weight_sum"]
+
+NODE_FILE = "node.json"
+STRATEGY_FILE = "strategy.safetensors"
+INIT_FILE = "init.safetensors"
+UPDATES_DIR = "updates"
+
+
+def federation_fingerprint(trainer) -> dict:
+    """What server and client must agree on, or their rounds would silently differ."""
+    fa = trainer.fed_args
+    return {"strategy": fa.strategy, "lora_r": trainer.lora_rank, "num_rounds": fa.num_rounds,
+            "local_steps": fa.local_steps, "seed": int(trainer.args.seed)}
+
+
+def base_weight_sum(trainer) -> float:
+    """A cheap checksum of the adapted layers' base weights (float64 sum), to show nodes are in step."""
+    import torch
+
+    from ..merge import dense_base_weight
+
+    with torch.no_grad():
+        return float(sum(dense_base_weight(layer).double().sum().item() for layer in trainer.layers.values()))
+
+
+def _save_json(path: Path, value: dict) -> None:
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def _save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class ClientNode:
+    """A federation client around a :class:`~fedsmooth_hf.FederatedTrainer`.
+
+    Args:
+        trainer: a trainer holding this client's data: either the whole federation's
+            ``client_datasets`` (this client's is used) or exactly one dataset.
+        client: this client's index in the federation (Flower's ``partition-id``);
+            it seeds the local rounds exactly as inside ``FederatedTrainer.train()``.
+        state_dir: where the per-client state is persisted.
+        run_token: the run this node serves; state of another run in ``state_dir`` is discarded.
+    """
+
+    def __init__(self, trainer, client: int, state_dir: str | os.PathLike, run_token: str):
+        self.trainer = trainer
+        self.client = int(client)
+        if len(trainer.client_datasets) == 1 and self.client != 0:
+            # a node that holds only its own data: index it by its federation id
+            trainer.client_datasets = {self.client: trainer.client_datasets[0]}
+        elif not 0 <= self.client < len(trainer.client_datasets):
+            raise ValueError(f"client {client} is not one of the trainer's {len(trainer.client_datasets)} clients")
+        self.state_dir = Path(state_dir)
+        self.is_writer = trainer.args.process_index == 0  # rank 0 of a worker group writes the state
+        self.run_token = str(run_token)
+        self.applied = 0
+        self.loads = 1  # processes that loaded the model for this run: 1 unless a client process restarted
+        self.has_initial_adapter = False
+        if self.is_writer:
+            (self.state_dir / UPDATES_DIR).mkdir(parents=True, exist_ok=True)
+        self._restore()
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.trainer.client_datasets[self.client])
+
+    # ------------------------------------------------------------------ persistence
+    def _restore(self) -> None:
+        """Reload a previous process's state: replay the applied updates, then the strategy state."""
+        path = self.state_dir / NODE_FILE
+        if not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+        if (saved.get("run_token") != self.run_token or saved.get("client") != self.client
+                or saved.get("fingerprint") != federation_fingerprint(self.trainer)):
+            logger.info("client %d: discarding the state of another run in %s", self.client, self.state_dir)
+            if self.is_writer:
+                (self.state_dir / INIT_FILE).unlink(missing_ok=True)
+                for old in (self.state_dir / UPDATES_DIR).glob("update-*.safetensors"):
+                    old.unlink()
+                path.unlink()
+            return
+        from safetensors.numpy import load_file as load_arrays
+        from safetensors.torch import load_file as load_tensors
+
+        self._adopt_initial_adapter(load_arrays(str(self.state_dir / INIT_FILE)))
+        for k in range(int(saved["applied"])):
+            update, extras = arrays_to_update(k, load_arrays(str(self.state_dir / UPDATES_DIR / f"update-{k}.safetensors")))
+            self.trainer.apply_server_update(update, extras)
+        self.trainer.strategy.load_state_dict(load_tensors(str(self.state_dir / STRATEGY_FILE)))
+        self.trainer._load_global_adapter()
+        self.applied = int(saved["applied"])
+        self.loads = int(saved.get("loads", 0)) + 1
+        logger.info("client %d: restored %d applied updates from %s", self.client, self.applied, self.state_dir)
+
+    def _persist(self) -> None:
+        if not self.is_writer:
+            return
+        from safetensors.torch import save_file
+
+        tmp = self.state_dir / f"{STRATEGY_FILE}.tmp-{os.getpid()}"
+        save_file({k: v.contiguous() for k, v in self.trainer.strategy.state_dict().items()}, str(tmp))
+        os.replace(tmp, self.state_dir / STRATEGY_FILE)
+        _save_json(self.state_dir / NODE_FILE, {
+            "client": self.client, "applied": self.applied, "run_token": self.run_token, "loads": self.loads,
+            "fingerprint": federation_fingerprint(self.trainer)})
+
+    def _adopt_initial_adapter(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Start from the server's initial LoRA factors: PEFT draws them at random in every process."""
+        self.trainer.strategy.setup(arrays_to_factors("init", arrays))
+        self.trainer._load_global_adapter()
+        self.has_initial_adapter = True
+
+    # ------------------------------------------------------------------ one message
+    def handle(self, config: Mapping, arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+        """Apply the updates in ``arrays``; train if ``config["action"] == "train"``.
+
+        ``config``: ``action`` (``train``/``sync``), ``run_token``, ``round`` (0-based),
+        ``first_update``/``num_updates`` (which server updates ``arrays`` holds) and the
+        server's fingerprint. Returns ``(metrics, upload arrays)``.
+        """
+        expected = federation_fingerprint(self.trainer)
+        theirs = {k: config.get(f"fp-{k}") for k in expected}
+        if theirs != expected:
+            diff = {k: (theirs[k], expected[k]) for k in expected if theirs[k] != expected[k]}
+            raise ValueError(f"client {self.client}: server and client disagree on (server, client) {diff}")
+        if str(config["run_token"]) != self.run_token:
+            raise RuntimeError(f"client {self.client} serves run {self.run_token}, got a message of run {config['run_token']}")
+        init = {k: v for k, v in arrays.items() if k.startswith("init/")}
+        if init and self.applied == 0 and not self.has_initial_adapter:
+            self._adopt_initial_adapter(init)
+            if self.is_writer:
+                _save_arrays(self.state_dir / INIT_FILE, init)
+        if not self.has_initial_adapter:
+            raise RuntimeError(f"client {self.client} never received the server's initial adapter")
+        first, count = int(config["first_update"]), int(config["num_updates"])
+        if first > self.applied:
+            raise RuntimeError(
+                f"client {self.client} has applied {self.applied} server updates but was sent updates "
+                f"{first}..{first + count - 1}: updates {self.applied}..{first - 1} are missing"
+            )
+        for k in range(max(first, self.applied), first + count):
+            update, extras = arrays_to_update(k, arrays)
+            self.trainer.apply_server_update(update, extras)
+            if self.is_writer:
+                _save_arrays(self.state_dir / UPDATES_DIR / f"update-{k}.safetensors",
+                             {key: v for key, v in arrays.items() if key.startswith(f"u{k}/")})
+            self.applied = k + 1
+        metrics: dict = {"applied_updates": self.applied, "base_weight_sum": base_weight_sum(self.trainer)}
+        upload: dict[str, np.ndarray] = {}
+        if config["action"] == "train":
+            round_idx = int(config["round"])
+            if self.applied != round_idx:
+                raise RuntimeError(
+                    f"client {self.client} is at server update {self.applied}, round {round_idx + 1} needs {round_idx}"
+                )
+            t0 = time.perf_counter()
+            result = self.trainer.train_client_round(round_idx, self.client)
+            upload = factors_to_arrays("lora", result["upload"])
+            upload.update(tensors_to_arrays("extra", result["extras"]))
+            metrics.update(num_examples=self.num_examples, train_loss=result["train_loss"],
+                           ga_time_s=result["ga_time_s"], train_time_s=time.perf_counter() - t0)
+        self._persist()
+        return metrics, upload
+
+
+class NodeCache:
+    """A process's client nodes, one per state dir, kept loaded across rounds; rebuilt for a new run."""
+
+    def __init__(self):
+        self._nodes: dict[str, ClientNode] = {}
+
+    def get(self, build_trainer, client: int, config: Mapping, state_dir, run_token: str) -> ClientNode:
+        key = str(Path(state_dir).resolve())
+        node = self._nodes.get(key)
+        if node is not None and node.run_token == str(run_token) and node.client == int(client):
+            return node
+        if node is not None:  # another run: free the old model before loading the pretrained one again
+            del self._nodes[key], node
+            gc.collect()
+        trainer = build_trainer(int(client), dict(config))
+        node = ClientNode(trainer, int(client), state_dir, str(run_token))
+        self._nodes[key] = node
+        return node
+
+
+    def serve(self, build_trainer, client: int, config: Mapping, state_dir, request: tuple) -> tuple[dict, dict]:
+        """One request of the ClientApp: ``("ready", config, {})`` or ``("handle", config, arrays)``."""
+        action, message_config, arrays = request
+        node = self.get(build_trainer, client, config, state_dir, message_config["run_token"])
+        if action == "ready":
+            return {"num_examples": node.num_examples, "base_weight_sum": base_weight_sum(node.trainer)}, {}
+        return node.handle(message_config, arrays)
+
+
+#: This process's nodes. Module state on purpose: the ClientApp's handlers may be shipped to a
+#: simulation actor by value (cloudpickle), with a fresh copy of their own module globals each time.
+PROCESS_NODES = NodeCache()
+
+
+def load_builder(ref: str):
+    """``"package.module:function"`` -> the function (how a worker process finds the user's builder)."""
+    import importlib
+
+    module, _, name = ref.partition(":")
+    if not module or not name:
+        raise ValueError(f"expected 'module:function', got {ref!r}")
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def builder_ref(fn) -> str:
+    """The importable ``module:function`` name of a builder; a lambda or closure has none."""
+    ref = f"{fn.__module__}:{fn.__qualname__}"
+    if "<" in ref:
+        raise ValueError(f"the trainer builder must be a module-level function to run in a worker process, got {ref}")
+    return ref

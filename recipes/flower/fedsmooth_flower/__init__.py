@@ -1,0 +1,1 @@
+"""A `flwr run`-able Flower app for the NLG (LLaMA) and ViT recipes."""

@@ -1,0 +1,38 @@
+"""The trainer builder the Flower tests federate: a tiny Llama (saved to disk) on the counting task.
+
+Module-level on purpose: Ray actors, ``flwr-clientapp`` processes and client workers
+import it by name.
+"""
+
+from __future__ import annotations
+
+from conftest import make_counting_dataset
+from transformers import LlamaForCausalLM, TrainingArguments, set_seed
+
+from fedsmooth_hf import FederatedArguments, FederatedTrainer
+
+CONFIG = {
+    "strategy": "fedsmoothlora",
+    "num-clients": 4,
+    "num-rounds": 3,
+    "local-steps": 2,
+    "num-examples": 64,
+}
+
+
+def federated_arguments(config) -> FederatedArguments:
+    return FederatedArguments(strategy=str(config["strategy"]), num_clients=int(config["num-clients"]),
+                              num_rounds=int(config["num-rounds"]), local_steps=int(config["local-steps"]),
+                              lora_r=4, lora_alpha=8, ga_samples=8, ga_batch_size=8, eval_rounds=0)
+
+
+def build_trainer(partition_id, config) -> FederatedTrainer:
+    """Server (``partition_id=None``) and clients build the same trainer; a client uses its own split."""
+    config = {**CONFIG, **config}
+    set_seed(7)  # the LoRA init is random: the server's must match the in-process reference run
+    args = TrainingArguments(output_dir=str(config["trainer-output-dir"]), per_device_train_batch_size=8,
+                             learning_rate=5e-3, report_to="none", use_cpu=True, disable_tqdm=True,
+                             save_strategy="no", logging_steps=1, seed=7)
+    return FederatedTrainer(model=LlamaForCausalLM.from_pretrained(str(config["model-path"])), args=args,
+                            fed_args=federated_arguments(config),
+                            train_dataset=make_counting_dataset(int(config["num-examples"]), with_category=False))
