@@ -541,11 +541,12 @@ class FederatedTrainer(Trainer):
         the same broadcast update (``train()`` does the same after its own aggregate).
         ``extras`` are the averaged ``modules_to_save`` values.
         """
-        merge_into_base(self.layers, update.merge, ADAPTER)
-        self.strategy.receive_update(update)
-        if extras:
-            self._set_extras(extras)
-        self._load_global_adapter()
+        with self._gathered(modify=True):
+            merge_into_base(self.layers, update.merge, ADAPTER)
+            self.strategy.receive_update(update)
+            if extras:
+                self._set_extras(extras)
+            self._load_global_adapter()
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Run the federated rounds; ``resume_from_checkpoint`` continues after a saved round."""
@@ -622,10 +623,7 @@ class FederatedTrainer(Trainer):
         self._round_ctx = (number, None)
         update = self.strategy.aggregate(uploads, weights)
         total = sum(weights.values())
-        with self._gathered(modify=True):
-            merge_into_base(self.layers, update.merge, ADAPTER)
-            self._set_extras({k: v / total for k, v in extra_sum.items()} if extra_sum else global_extras)
-            self._load_global_adapter()
+        self.apply_server_update(update, {k: v / total for k, v in extra_sum.items()} if extra_sum else None)
         record = {
             "round": number,
             "clients": clients,
