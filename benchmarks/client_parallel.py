@@ -29,8 +29,13 @@ WORKER = ROOT / "tests" / "distributed_worker.py"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (``taskset`` and cgroups included), not the machine's count."""
+    return len(os.sched_getaffinity(0))
+
+
 def run_mode(mode: str, processes: int, common: list[str], out: Path) -> dict:
-    threads = os.cpu_count() if mode == "sequential" else max(1, (os.cpu_count() or processes) // processes)
+    threads = usable_cores() if mode == "sequential" else max(1, usable_cores() // processes)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if mode == "sequential":
         cmd = [sys.executable, str(WORKER)]
@@ -87,7 +92,7 @@ def main() -> None:
                   f"(eval loss {runs[-1]['final_eval_loss']:.4f})", flush=True)
     seq, dp, cp = (r["mean_round_s"] for r in runs)
     result = {"processes": a.processes, "clients": a.clients, "local_steps": a.local_steps, "rounds": a.rounds,
-              "cpu_count": os.cpu_count(), "runs": runs,
+              "cores": usable_cores(), "runs": runs,
               "client_parallel_vs_sequential": cp / seq, "client_parallel_vs_data_parallel": cp / dp,
               "same_result_as_sequential": runs[2]["final_sha256"] == runs[0]["final_sha256"]}
     print(f"client-parallel / sequential = {cp / seq:.2f}; client-parallel / data-parallel = {cp / dp:.2f}; "
