@@ -357,6 +357,29 @@ def format_table(summary: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(summary: dict, metric: str) -> str:
+    """The summary as markdown tables (pasted into docs/benchmarks.md)."""
+    acc = metric == "eval_accuracy"
+    fmt = (lambda v: f"{100 * v:.1f}") if acc else (lambda v: f"{v:.3f}")
+    label = "final accuracy %" if acc else "final eval loss"
+    lines = []
+    for partition, block in summary.items():
+        lines += [f"**{partition}** (reference: {block['reference']}, final {fmt(block['reference_final'])})", "",
+                  f"| strategy | seeds | {label} | rounds to reference (reached) | mean abs eval-loss change, t>=2 |"
+                  + (" accuracy drops |" if acc else "") + " client loss jump (signed / abs) | s per run |",
+                  "|---|---|---|---|---|" + ("---|" if acc else "") + "---|---|"]
+        for name, row in block["rows"].items():
+            rr = row["rounds_to_reference"]
+            reach = f"{rr['mean_of_reached']:.1f} ({rr['reached']}/{rr['of']})" if rr["reached"] else f"never (0/{rr['of']})"
+            drops = f" {row['accuracy_drops']['mean']:.1f} |" if acc else ""
+            lines.append(f"| {name} | {len(row['seeds'])} | {fmt(row['final']['mean'])} ± {fmt(row['final']['std'])} "
+                         f"| {reach} | {row['eval_loss_mean_abs_change']['mean']:.4f} |{drops} "
+                         f"{row['client_loss_jump_mean']['mean']:+.3f} / {row['client_loss_jump_mean_abs']['mean']:.3f} "
+                         f"| {row['wall_s_mean']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot(runs: list[dict], metric: str, title: str, path: Path) -> None:
     """Eval metric (and loss) vs round, one line per strategy: mean over seeds, shaded min..max."""
     import matplotlib
@@ -364,6 +387,7 @@ def plot(runs: list[dict], metric: str, title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     partitions = list(dict.fromkeys(r["partition"] for r in runs))
     panels = ["eval_accuracy", "eval_loss"] if metric == "eval_accuracy" else ["eval_loss"]
@@ -389,10 +413,9 @@ def plot(runs: list[dict], metric: str, title: str, path: Path) -> None:
             ax.set_ylabel("eval accuracy (%)" if key == "eval_accuracy" else "eval loss")
             ax.set_title(f"{partition}: {key.replace('eval_', 'global ')}", fontsize=9)
             ax.grid(alpha=0.3)
-            if key == "eval_loss" and metric == "eval_accuracy":
-                ax.set_yscale("log")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -502,8 +525,9 @@ def main(argv: list[str] | None = None) -> dict:
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     print(format_table(result["summary"], metric))
+    json_path.with_suffix(".md").write_text(format_markdown(result["summary"], metric))
     info = runs[0]["task_info"]
-    title = (f"{a.task}: {info['model']} on {info['data']} ({info['train']} train / {info['eval']} eval), "
+    title = (f"{a.task}: {info['model']}\non {info['data']} ({info['train']} train / {info['eval']} eval), "
              f"{options['num_clients']} clients ({options['clients_per_round']}/round), "
              f"{options['num_rounds']} rounds x {options['local_steps']} steps x batch "
              f"{options['per_device_train_batch_size']}; mean over seeds, shaded min..max")
