@@ -80,6 +80,7 @@ def summarize(results: dict, timings: dict, mode: str) -> dict:
         "communication_model_bytes": next(iter(com["rows"].values()))["model_bytes_fp32"],
         "communication_smollm2_135m": com["smollm2_135m"],
         "memory": {str(r["clients"]): {"peak_rss_bytes": r["peak_rss_bytes"],
+                                       "growth_during_run_bytes": r["peak_rss_growth_in_run_bytes"],
                                        "client_state_bytes": r["client_state_bytes"]} for r in mem["rows"]},
         "memory_growth": mem["peak_rss_growth"],
         "memory_flat_within_10pct": mem["flat_within_10pct"],
@@ -115,8 +116,9 @@ def to_markdown(s: dict) -> str:
                      f"{smol['upload_bytes'] / mib:.2f} MiB = {100 * smol['ratio']:.2f}% of "
                      f"{smol['model_bytes_fp32'] / mib:.0f} MiB |")
     for k, r in s["memory"].items():
-        lines.append(f"| memory, K={k} clients | peak RSS (client state) | {r['peak_rss_bytes'] / mib:.0f} MiB "
-                     f"({r['client_state_bytes'] / mib:.2f} MiB) |")
+        lines.append(f"| memory, K={k} clients | peak RSS (rise during the run; FedSmoothLoRA client state) | "
+                     f"{r['peak_rss_bytes'] / mib:.1f} MiB (+{r['growth_during_run_bytes'] / mib:.1f} MiB; "
+                     f"{r['client_state_bytes'] / mib:.2f} MiB) |")
     lines.append(f"| memory growth, K={min(map(int, s['memory']))} -> {max(map(int, s['memory']))} | peak RSS | "
                  f"**{100 * s['memory_growth']:+.1f}%** ({'flat' if s['memory_flat_within_10pct'] else 'NOT flat'}"
                  f" within 10%) |")
