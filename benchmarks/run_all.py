@@ -30,9 +30,14 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
 def part_args(mode: str, out: Path, threads: int) -> dict[str, list[str]]:
-    """Command-line arguments of aggregation.py and overhead.py for each mode."""
-    agg = ["--out", str(out / "aggregation.json"), "--plot", str(out / "aggregation.png"), "--threads", str(threads)]
-    ovh = ["--out", str(out / "overhead.json"), "--plot", str(out / "overhead.png"), "--threads", str(threads)]
+    """Command-line arguments of aggregation.py and overhead.py for each mode.
+
+    Outside the full mode their files get a ``_<mode>`` suffix, so the full-size results that
+    docs/benchmarks.md cites are not overwritten by the small sizes.
+    """
+    agg, ovh = (f"{name}{'' if mode == 'full' else '_' + mode}" for name in ("aggregation", "overhead"))
+    agg = ["--out", str(out / f"{agg}.json"), "--plot", str(out / f"{agg}.png"), "--threads", str(threads)]
+    ovh = ["--out", str(out / f"{ovh}.json"), "--plot", str(out / f"{ovh}.png"), "--threads", str(threads)]
     if mode == "smoke":
         agg += ["--shapes", "256x256,512x256", "--clients", "4", "--rank", "4", "--repeats", "2", "--dense-repeats", "1"]
         ovh += ["--quick", "--clients", "2", "--rounds", "1", "--local_steps", "3"]

@@ -37,7 +37,7 @@ def test_run_all_smoke_writes_sane_summary(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     markdown = (tmp_path / "summary.md").read_text()
     assert summary["mode"] == "smoke" and "| benchmark | measured | value |" in markdown
-    for part in ("aggregation", "overhead", "ga_cost", "communication", "memory"):
+    for part in ("aggregation_smoke", "overhead_smoke", "ga_cost", "communication", "memory"):
         assert (tmp_path / f"{part}.json").is_file(), part
         assert (tmp_path / f"{part}.png").read_bytes()[:8] == PNG_MAGIC, part
 
