@@ -48,9 +48,11 @@ def part_args(mode: str, out: Path, threads: int) -> dict[str, list[str]]:
 
 
 def convergence_headlines(out: Path) -> dict:
-    """Final metric and smoothness per strategy from convergence_<task>.json files, when present."""
+    """Final metric and smoothness per strategy of the ViT and NLG sweeps (convergence.py), when present."""
     found = {}
-    for path in sorted(out.glob("convergence_*.json")):
+    for path in (out / "convergence_vit.json", out / "convergence_nlg.json"):
+        if not path.exists():
+            continue
         data = json.loads(path.read_text())
         if data.get("settings", {}).get("quick"):
             continue
@@ -69,7 +71,7 @@ def summarize(results: dict, timings: dict, mode: str) -> dict:
     return {
         "mode": mode,
         "machine": ovh["machine"] | {"loadavg_at_start": agg["machine"].get("loadavg_at_start")},
-        "timings_note": "ratios are measured side by side in one run; absolute seconds were taken on a shared "
+        "timings_note": "Ratios are measured side by side in one run; absolute seconds were taken on a shared "
                         "2-core machine under load from other jobs",
         "seconds_per_part": timings,
         "aggregation": [{"shape": r["shape"], "speedup": r["speedup"], "ours_s": r["ours_s"], "dense_s": r["dense_s"],

@@ -62,6 +62,7 @@ def _plot_bars(labels, values, ylabel: str, title: str, path: Path, annotate=Non
     ax.bar(labels, values, color="#4c72b0")
     for i, v in enumerate(values):
         ax.text(i, v, annotate[i] if annotate else f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.25 * max(values))  # room for the labels above the bars
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.tick_params(axis="x", labelsize=8)
