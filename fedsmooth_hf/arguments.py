@@ -60,6 +60,11 @@ class FederatedArguments:
         default="constant", metadata={"help": f"Round-Matching schedule over rounds: one of {ZETA_MODES}."}
     )
     min_zeta: float = field(default=0.0, metadata={"help": "Final zeta of the cosine schedule."})
+    ga_init: bool = field(
+        default=True,
+        metadata={"help": "FedSmoothLoRA only: Gradient-Aligned client starts. False is an ablation: plain LoRA "
+                          "init in round 0, Round-Matching only afterwards, no gradient estimation."},
+    )
     round_lr_schedule: str = field(
         default="constant",
         metadata={"help": f"Learning rate across rounds: one of {ROUND_LR_SCHEDULES} (cosine decays to round_min_lr)."},
@@ -139,6 +144,7 @@ class FederatedArguments:
             "zeta": self.zeta,
             "zeta_mode": self.zeta_mode,
             "min_zeta": self.min_zeta,
+            "ga_init": self.ga_init,
         }
 
     def to_dict(self) -> dict:

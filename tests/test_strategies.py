@@ -182,3 +182,27 @@ def test_fedsmoothlora_requires_gradients():
     with pytest.raises(ValueError, match="ga_samples"):
         strat.client_start(0, None)
     assert math.isclose(strat.gamma, 64.0)
+
+
+def test_fedsmoothlora_without_gradient_aligned_init_is_round_matching_only():
+    """ga_init=False (ablation): no gradient pass, PEFT's init in round 0, SVD_r(W_rm) afterwards, no offset."""
+    strat = strategy_from_options("fedsmoothlora", {"rank": R, "num_rounds": 4, "zeta": 0.5, "ga_init": False})
+    assert strat.needs_gradient is False and get_strategy("fedsmoothlora", rank=R).needs_gradient is True
+    strat.setup(_init_lora())
+    strat.begin_round(0)
+    start = strat.client_start(0, None)
+    assert start.offsets == {}
+    for n in SHAPES:
+        torch.testing.assert_close(_dense(start.lora[n]), _dense(strat.init_lora[n]))
+    trained = _uploads(1, seed=3)[0]
+    up0 = strat.client_upload(0, trained)
+    for n in SHAPES:  # nothing subtracted: the upload is the trained adapter itself
+        torch.testing.assert_close(_dense(up0[n]), _dense(trained[n]).float(), rtol=1e-4, atol=1e-5)
+    upd = strat.aggregate({0: up0, 1: _uploads(2, seed=4)[1]}, {0: 1.0, 1: 1.0})
+    strat.begin_round(1)
+    start1 = strat.client_start(0, None)
+    assert start1.offsets == {}
+    for n in SHAPES:
+        w_rm = 0.5 * (_dense(up0[n]) - _dense(upd.merge[n]))
+        torch.testing.assert_close(_dense(start1.lora[n]).double(), _best_rank_r(w_rm.double(), R),
+                                   rtol=1e-4, atol=1e-5)

@@ -57,6 +57,9 @@ class FedSmoothLoRA(FederatedStrategy):
         zeta: Round-Matching weight (``1.0``: each client resumes its own previous end state).
         zeta_mode: ``"constant"`` or ``"cosine"`` (decays to ``min_zeta``; suggested for non-IID).
         min_zeta: floor of the cosine schedule.
+        ga_init: ``False`` is an ablation (the paper's "w/o GA"): no gradient is estimated; a
+            client starts from PEFT's plain LoRA init in round 0 and from ``SVD_r(W_rm)``
+            afterwards (Round-Matching only), with no frozen offset.
     """
 
     name = "fedsmoothlora"
@@ -70,6 +73,7 @@ class FedSmoothLoRA(FederatedStrategy):
         zeta: float = 1.0,
         zeta_mode: str = "constant",
         min_zeta: float = 0.0,
+        ga_init: bool = True,
     ):
         super().__init__(rank, num_rounds)
         if gamma <= 0:
@@ -80,6 +84,8 @@ class FedSmoothLoRA(FederatedStrategy):
         self.zeta = float(zeta)
         self.zeta_mode = zeta_mode
         self.min_zeta = float(min_zeta)
+        self.ga_init = bool(ga_init)
+        self.needs_gradient = self.ga_init  # the trainer skips the gradient pass when False
         self._client_uploads: dict[int, ModuleFactors] = {}
         self._server: ModuleFactors | None = None
         self._ga: dict[int, ModuleFactors] = {}  # per client, between client_start and client_upload
@@ -104,6 +110,8 @@ class FedSmoothLoRA(FederatedStrategy):
         return self.round_matching(client)
 
     def client_start(self, client: int, grads: Mapping[str, torch.Tensor] | None = None) -> ClientStart:
+        if not self.ga_init:
+            return self._round_matching_only_start(client)
         if grads is None:
             raise ValueError("fedsmoothlora needs the clients' weight gradients (ga_samples > 0)")
         missing = sorted(set(self.init_lora) - set(grads))
@@ -121,10 +129,24 @@ class FedSmoothLoRA(FederatedStrategy):
         self._ga[client] = ga
         return ClientStart(lora=lora, offsets=offsets)
 
+    def _round_matching_only_start(self, client: int) -> ClientStart:
+        """The ``ga_init=False`` ablation: LoRA = ``SVD_r(W_rm)``, or PEFT's init when there is no ``W_rm``."""
+        rm = self.round_matching(client)
+        if rm is None:
+            lora = {n: (B.clone(), A.clone()) for n, (B, A) in self.init_lora.items()}
+        else:
+            lora = {n: truncated_svd([B], [A], self.rank) for n, (B, A) in rm.items()}
+        self._ga[client] = None
+        return ClientStart(lora=lora)
+
     def client_upload(self, client: int, trained: Mapping[str, Factors]) -> ModuleFactors:
         if client not in self._ga:
             raise RuntimeError(f"client_upload for client {client} without a matching client_start")
         ga = self._ga.pop(client)
+        if ga is None:  # ga_init=False: nothing to subtract, the adapter is the change relative to W
+            upload = {n: truncated_svd([B.float().cpu()], [A.float().cpu()], self.rank) for n, (B, A) in trained.items()}
+            self._client_uploads[client] = upload
+            return upload
         upload = {}
         for name, (B, A) in trained.items():
             B_ga, A_ga = ga[name]
@@ -179,4 +201,5 @@ class FedSmoothLoRA(FederatedStrategy):
             "zeta": self.zeta,
             "zeta_mode": self.zeta_mode,
             "min_zeta": self.min_zeta,
+            "ga_init": self.ga_init,
         }

@@ -1,0 +1,102 @@
+"""CI smoke of the benchmark scripts: ``run_all.py --smoke`` and ``convergence.py --task tiny``.
+
+The real sweeps take an hour (docs/benchmarks.md); these run the same code paths at sizes of
+seconds and check that the figures they report are the ones the code claims to measure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# benchmarks.overhead's tiny Llama: hidden 128, MLP 256, 4 layers, 4 heads of 32, 2 KV heads.
+TINY_LAYERS, HIDDEN, MLP, KV = 4, 128, 256, 2 * 32
+TINY_RANK = 8
+
+
+def _expected_upload_bytes() -> int:
+    """r (d_in + d_out) float32 numbers per adapted Linear: q, k, v, o, gate, up, down of every layer."""
+    shapes = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN), (MLP, HIDDEN), (MLP, HIDDEN),
+              (HIDDEN, MLP)]
+    return TINY_LAYERS * sum(TINY_RANK * (d_out + d_in) * 4 for d_out, d_in in shapes)
+
+
+def test_run_all_smoke_writes_sane_summary(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--smoke", "--out-dir",
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    markdown = (tmp_path / "summary.md").read_text()
+    assert summary["mode"] == "smoke" and "| benchmark | measured | value |" in markdown
+    for part in ("aggregation_smoke", "overhead_smoke", "ga_cost", "communication", "memory"):
+        assert (tmp_path / f"{part}.json").is_file(), part
+        assert (tmp_path / f"{part}.png").read_bytes()[:8] == PNG_MAGIC, part
+
+    for row in summary["aggregation"]:  # Eckart-Young: factored error equals the best rank-r error
+        assert row["optimal"] and abs(row["error_ratio"] - 1) < 1e-4, row
+        assert row["speedup"] > 0
+    assert summary["overhead"]["ratio_fedit"] > 0 and summary["overhead"]["ratio_fedsmoothlora"] > 0
+
+    ga = {int(n): r for n, r in summary["ga_cost"].items()}
+    assert all(math.isfinite(r) and r > 0 for r in ga.values())
+    assert ga[max(ga)] > ga[min(ga)]  # 4x the calibration samples costs more
+
+    expected = _expected_upload_bytes()
+    assert len(summary["communication"]) == 6
+    for name, row in summary["communication"].items():
+        assert row["upload_bytes"] == row["expected_bytes"] == expected, name
+        assert 0 < row["ratio_to_model"] < 1
+    assert summary["communication"]["ffa_lora"]["needed_bytes"] < expected  # A is frozen: B alone travels
+
+    memory = {int(k): v for k, v in summary["memory"].items()}
+    small, large = min(memory), max(memory)
+    # FedSmoothLoRA keeps each client's last upload: state grows exactly linearly in K ...
+    assert memory[large]["client_state_bytes"] == large // small * memory[small]["client_state_bytes"]
+    # ... while the process as a whole stays flat (no per-client model copies).
+    assert summary["memory_growth"] <= 0.10 and summary["memory_flat_within_10pct"]
+
+
+def test_convergence_tiny_two_strategies(tmp_path):
+    from benchmarks import convergence
+
+    result = convergence.main(["--task", "tiny", "--strategies", "fedit,fedsmoothlora", "--out-dir", str(tmp_path)])
+
+    saved = json.loads((tmp_path / "convergence_tiny.json").read_text())
+    assert (tmp_path / "convergence_tiny.png").read_bytes()[:8] == PNG_MAGIC
+    assert [r["name"] for r in saved["runs"]] == ["fedit", "fedsmoothlora"]
+    for run in saved["runs"]:
+        assert [p["round"] for p in run["rounds"]] == [0, 1, 2]
+        assert all(0 <= p["eval_accuracy"] <= 1 and p["eval_loss"] > 0 for p in run["rounds"])
+        # logging_steps=1: one loss per local step, for every client in every round (4 clients x 2 rounds)
+        assert len(run["client_traces"]) == 8 and all(len(t["losses"]) == 3 for t in run["client_traces"])
+    rows = result["summary"]["dirichlet0.5"]["rows"]
+    assert set(rows) == {"fedit", "fedsmoothlora"}
+    assert result["summary"]["dirichlet0.5"]["reference"] == "fedit"
+    for row in rows.values():
+        assert math.isfinite(row["client_loss_jump_mean"]["mean"])
+        assert 0 <= row["final"]["mean"] <= 1
+
+
+def test_client_loss_jump_and_rounds_to_reach():
+    from benchmarks.convergence import client_loss_jumps, rounds_to_reach
+
+    traces = [{"round": 2, "client": 0, "losses": [1.5, 1.0]},
+              {"round": 1, "client": 0, "losses": [2.0, 1.2]},
+              {"round": 1, "client": 1, "losses": [2.0, 0.9]},
+              {"round": 3, "client": 1, "losses": [1.1, 0.8]}]
+    # client 0: 1.5 - 1.2 (round 2 vs 1); client 1 skipped round 2: 1.1 - 0.9 (round 3 vs 1)
+    assert [round(j, 6) for j in client_loss_jumps(traces)] == [0.3, 0.2]
+    series = [{"round": 0, "eval_accuracy": 0.1, "eval_loss": 2.0}, {"round": 1, "eval_accuracy": 0.5, "eval_loss": 1.0},
+              {"round": 2, "eval_accuracy": 0.7, "eval_loss": 0.8}]
+    assert rounds_to_reach(series, "eval_accuracy", 0.6) == 2
+    assert rounds_to_reach(series, "eval_loss", 1.0) == 1
+    assert rounds_to_reach(series, "eval_accuracy", 0.9) is None
