@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -46,6 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
+from benchmarks.overhead import machine as overhead_machine  # noqa: E402
 from fedsmooth_hf import FederatedTrainer  # noqa: E402
 from fedsmooth_hf.callbacks import FederatedCallback  # noqa: E402
 from fedsmooth_hf.strategies import available_strategies  # noqa: E402
@@ -423,13 +423,7 @@ def plot(runs: list[dict], metric: str, title: str, path: Path) -> None:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    return {**overhead_machine(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
             "note": "shared machine: wall times were measured under load from other jobs"}
 
 

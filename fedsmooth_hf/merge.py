@@ -185,8 +185,7 @@ def merge_into_base(
         base = layer.get_base_layer()
         W = base.weight
         if keeps_residual(base):
-            device = W.device if W.device.type != "meta" else B.device
-            ensure_base_residual(layer, residual_max_rank).add(s * B.to(device), A.to(device))
+            ensure_base_residual(layer, residual_max_rank).add(s * B.to(W.device), A.to(W.device))
             continue
         Bw = B.to(device=W.device, dtype=W.dtype)
         Aw = A.to(device=W.device, dtype=W.dtype)
