@@ -125,6 +125,10 @@ def main() -> None:
     weights = {k: v.detach().float().cpu().contiguous() for k, v in trainer.merged_state_dict().items()}
     if rank == 0:
         save_file(weights, str(out / "final.safetensors"))
+    if torch.distributed.is_initialized():
+        # leave together: a rank exiting while the other still talks to it aborts in the gloo threads
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
