@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from .partition import PARTITION_METHODS
 from .strategies import available_strategies
-from .strategies.fedsmoothlora import ZETA_MODES
+from .strategies.fedsmoothlora import STALE_ROUND_MATCHING, ZETA_MODES
 from .strategies.registry import strategy_class
 
 ROUND_LR_SCHEDULES = ("constant", "cosine")
@@ -57,9 +57,16 @@ class FederatedArguments:
     gamma: float = field(default=64.0, metadata={"help": "Stable-scale gamma: GA factors scaled by d_out^(1/4)/sqrt(gamma)."})
     zeta: float = field(default=1.0, metadata={"help": "Round-Matching weight zeta (0 disables Round-Matching)."})
     zeta_mode: str = field(
-        default="constant", metadata={"help": f"Round-Matching schedule over rounds: one of {ZETA_MODES}."}
+        default="auto",
+        metadata={"help": f"Round-Matching schedule over rounds: one of {ZETA_MODES}. auto: constant for an IID "
+                          "partition, cosine (to min_zeta) for any other split or user-given client_datasets."},
     )
     min_zeta: float = field(default=0.0, metadata={"help": "Final zeta of the cosine schedule."})
+    stale_round_matching: str = field(
+        default="reset",
+        metadata={"help": f"Start of a client whose last round was not the previous one: one of "
+                          f"{STALE_ROUND_MATCHING} (docs/method.md, partial participation)."},
+    )
     ga_init: bool = field(
         default=True,
         metadata={"help": "FedSmoothLoRA only: Gradient-Aligned client starts. False is an ablation: plain LoRA "
@@ -118,6 +125,8 @@ class FederatedArguments:
             bad("gamma", "must be > 0")
         if self.zeta_mode not in ZETA_MODES:
             bad("zeta_mode", f"must be one of {ZETA_MODES}")
+        if self.stale_round_matching not in STALE_ROUND_MATCHING:
+            bad("stale_round_matching", f"must be one of {STALE_ROUND_MATCHING}")
         if self.round_lr_schedule not in ROUND_LR_SCHEDULES:
             bad("round_lr_schedule", f"must be one of {ROUND_LR_SCHEDULES}")
         if self.round_min_lr < 0:
@@ -135,9 +144,14 @@ class FederatedArguments:
         if self.on_client_failure not in CLIENT_FAILURE_POLICIES:
             bad("on_client_failure", f"must be one of {CLIENT_FAILURE_POLICIES}")
 
-    def strategy_options(self) -> dict:
-        """Keyword arguments any strategy constructor may take from these arguments."""
+    def strategy_options(self, iid_data: bool | None = None) -> dict:
+        """Keyword arguments any strategy constructor may take from these arguments.
+
+        ``iid_data``: whether the clients' data is an IID split (None: unknown), for ``zeta_mode=auto``.
+        """
         return {
+            "iid_data": iid_data,
+            "stale_round_matching": self.stale_round_matching,
             "rank": self.lora_r,
             "num_rounds": self.num_rounds,
             "gamma": self.gamma,

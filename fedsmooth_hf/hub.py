@@ -200,9 +200,12 @@ def model_card(
     ]
     for key in ("strategy", "num_clients", "clients_per_round", "num_rounds", "local_steps", "lora_r", "lora_alpha",
                 "use_rslora", "partition", "dirichlet_alpha", "partition_column", "ga_samples", "gamma", "zeta",
-                "zeta_mode", "min_zeta"):
+                "zeta_mode", "min_zeta", "stale_round_matching"):
         if key in fed_args:
-            lines.append(f"| {key} | {fed_args[key]} |")
+            value = fed_args[key]
+            if key in strategy and strategy[key] != value:  # e.g. zeta_mode auto, resolved by the data split
+                value = f"{strategy[key]} ({key}={value})"
+            lines.append(f"| {key} | {value} |")
     if evals:
         lines += ["", "## Evaluation by round", "", "| round | eval_loss |", "|---|---|"]
         lines += [f"| {r['round']} | {r['eval_loss']:.4f} |" for r in evals]

@@ -145,6 +145,8 @@ class FederatedTrainer(Trainer):
         if args is None:
             args = TrainingArguments(output_dir="fedsmooth_output", report_to="none")
         self.client_datasets = self._resolve_clients(train_dataset, client_datasets, args.seed)
+        # an IID split is known only when we made it; user-given clients may be anything
+        iid_data = None if client_datasets is not None else fa.partition == "iid"
         model = self._ensure_peft(model)
         keep_quantized_layers_differentiable(model)
 
@@ -160,8 +162,9 @@ class FederatedTrainer(Trainer):
         self._check_client_parallel()
         self.layers = lora_layers(self.model, ADAPTER)
         self.strategy: FederatedStrategy = strategy_from_options(
-            fa.strategy, {**fa.strategy_options(), "rank": self.lora_rank}
+            fa.strategy, {**fa.strategy_options(iid_data), "rank": self.lora_rank}
         )
+        logger.info("federated strategy: %s", self.strategy.summary())
         self._check_layer_shapes()
         self._extra_names = [
             n for n, p in self.model.named_parameters() if p.requires_grad and not self._is_lora_param(n)
@@ -279,14 +282,16 @@ class FederatedTrainer(Trainer):
         return gathered(self.model, modify) if self._zero3 else contextlib.nullcontext()
 
     def _check_ga_samples(self) -> None:
+        """A client smaller than ``ga_samples`` calibrates on all its examples (said once, here)."""
         if not self.strategy.needs_gradient:
             return
-        for i, ds in enumerate(self.client_datasets):
-            if len(ds) < self.fed_args.ga_samples:
-                raise ValueError(
-                    f"FederatedArguments.ga_samples={self.fed_args.ga_samples} exceeds client {i}'s "
-                    f"{len(ds)} examples; lower ga_samples to at most the smallest client's size"
-                )
+        small = {i: len(ds) for i, ds in enumerate(self.client_datasets) if len(ds) < self.fed_args.ga_samples}
+        if small:
+            logger.warning(
+                "ga_samples=%d exceeds the size of %d client(s); they estimate their gradient on all their "
+                "examples: %s", self.fed_args.ga_samples, len(small),
+                ", ".join(f"client {i}: {n}" for i, n in list(small.items())[:10]) + (" ..." if len(small) > 10 else ""),
+            )
 
     @staticmethod
     def _is_lora_param(name: str) -> bool:
@@ -363,7 +368,7 @@ class FederatedTrainer(Trainer):
         fa = self.fed_args
         ds = self.client_datasets[client]
         rng = np.random.default_rng(seed)
-        idx = np.sort(rng.permutation(len(ds))[: fa.ga_samples])
+        idx = np.sort(rng.permutation(len(ds))[: min(fa.ga_samples, len(ds))])
         world, rank = self.args.world_size, self.args.process_index
         idx = idx[rank::world] if world > 1 else idx
         subset = ds.select(idx.tolist()) if hasattr(ds, "select") else torch.utils.data.Subset(ds, idx.tolist())

@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     if main_proc:
         print(f"[recipe] {len(train_ds)} training examples over {fed_args.num_clients} clients, "
               f"{len(eval_ds)} eval examples; strategy={fed_args.strategy}")
+        print(f"[recipe] strategy in force: {trainer.strategy.summary()}")
         print(partition_summary(trainer.client_datasets, fed_args.partition_column))
         print(f"[recipe] before training: {md.generation_prompt!r} -> {generate(trainer, tokenizer, md)!r}", flush=True)
     trainer.train()

@@ -535,6 +535,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"strategy={fed_args.strategy}, {fed_args.num_rounds} rounds x {fed_args.local_steps} local steps, "
               f"LoRA r={trainer.lora_rank} on {len(trainer.layers)} Linear layers, "
               f"trained in full: {fed_args.modules_to_save}")
+        print(f"[recipe] strategy in force: {trainer.strategy.summary()}")
         print(partition_summary(trainer.client_datasets, fed_args.partition_column), flush=True)
     t_fed = time.perf_counter()
     # Trainer runs a full gc.collect() at every local round (accelerate's free_memory); with ~600k

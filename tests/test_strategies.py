@@ -119,7 +119,7 @@ def test_zeta_schedules():
 
 def test_fedsmoothlora_round_trip_dense_reference():
     """Two rounds of client start / upload / aggregate against the equations computed densely."""
-    strat = get_strategy("fedsmoothlora", rank=R, num_rounds=4, gamma=16.0, zeta=0.9)
+    strat = get_strategy("fedsmoothlora", rank=R, num_rounds=4, gamma=16.0, zeta=0.9, zeta_mode="constant")
     strat.setup(_init_lora())
     gen = torch.Generator().manual_seed(7)
     grads = {n: torch.randn(*s, generator=gen, dtype=torch.float64) for n, s in SHAPES.items()}
@@ -186,7 +186,8 @@ def test_fedsmoothlora_requires_gradients():
 
 def test_fedsmoothlora_without_gradient_aligned_init_is_round_matching_only():
     """ga_init=False (ablation): no gradient pass, PEFT's init in round 0, SVD_r(W_rm) afterwards, no offset."""
-    strat = strategy_from_options("fedsmoothlora", {"rank": R, "num_rounds": 4, "zeta": 0.5, "ga_init": False})
+    strat = strategy_from_options("fedsmoothlora", {"rank": R, "num_rounds": 4, "zeta": 0.5, "zeta_mode": "constant",
+                                                     "ga_init": False})
     assert strat.needs_gradient is False and get_strategy("fedsmoothlora", rank=R).needs_gradient is True
     strat.setup(_init_lora())
     strat.begin_round(0)

@@ -170,8 +170,6 @@ def test_bad_input_errors(tmp_path):
                          client_datasets=[make_counting_dataset(20), empty])
     with pytest.raises(ValueError, match=r"target_modules=\['nonexistent'\] match no Linear layer"):
         _trainer(tmp_path, fed=_fed(target_modules=["nonexistent"]))
-    with pytest.raises(ValueError, match="ga_samples=64 exceeds client"):
-        _trainer(tmp_path, fed=_fed(ga_samples=64))
     with pytest.raises(ValueError, match="lora_r=20 is too large for layer"):
         _trainer(tmp_path, fed=_fed(lora_r=20))
     assert isinstance(empty, datasets.Dataset)
@@ -214,3 +212,43 @@ def test_skip_policy_drops_the_failing_client(tmp_path):
     assert "2" not in first["client_train_loss"] and len(first["client_train_loss"]) == 3
     for layer in trainer.layers.values():
         assert torch.isfinite(layer.get_base_layer().weight).all()
+
+
+def test_ga_samples_larger_than_a_client_uses_all_its_examples(tmp_path, caplog):
+    sizes = [12, 40]
+    clients = [make_counting_dataset(n, seed=i) for i, n in enumerate(sizes)]
+    fed = _fed(strategy="fedsmoothlora", num_clients=2, num_rounds=1, local_steps=1, ga_samples=32, ga_batch_size=8)
+    with caplog.at_level("WARNING", logger="fedsmooth_hf.trainer"):
+        trainer = FederatedTrainer(model=make_tiny_llama(), args=_args(tmp_path), fed_args=fed, client_datasets=clients)
+    assert "ga_samples=32 exceeds the size of 1 client(s)" in caplog.text and "client 0: 12" in caplog.text
+    seen = {}
+    inner = trainer._calibration_batches
+
+    def counting(client, seed):
+        for batch in inner(client, seed):
+            seen[client] = seen.get(client, 0) + batch["input_ids"].shape[0]
+            yield batch
+
+    trainer._calibration_batches = counting
+    trainer.train()
+    assert seen == {0: 12, 1: 32}
+    assert math.isfinite(trainer.round_history[-1]["train_loss"])
+
+
+@pytest.mark.parametrize("split, expected", [
+    ({"partition": "iid"}, "constant"),
+    ({"partition": "dirichlet", "partition_column": "label"}, "cosine"),
+    ({"partition": "column", "partition_column": "label"}, "cosine"),
+    ("client_datasets", "cosine"),
+])
+def test_zeta_mode_auto_follows_the_split(tmp_path, split, expected):
+    train = make_counting_dataset(64)
+    train = train.add_column("label", [i % 4 for i in range(len(train))])
+    if split == "client_datasets":
+        trainer = FederatedTrainer(model=make_tiny_llama(), args=_args(tmp_path), fed_args=_fed(num_clients=2),
+                                   client_datasets=[train.select(range(32)), train.select(range(32, 64))])
+    else:
+        trainer = _trainer(tmp_path, fed=_fed(**split), train=train)
+    assert trainer.fed_args.zeta_mode == "auto"
+    assert trainer.strategy.zeta_mode == expected
+    assert trainer.strategy.describe()["zeta_mode"] == expected

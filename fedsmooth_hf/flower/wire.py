@@ -60,7 +60,7 @@ def arrays_to_update(index: int, arrays: Mapping[str, np.ndarray]):
     from ..strategies import ServerUpdate
 
     glob = arrays_to_factors(f"u{index}/global", arrays)
-    update = ServerUpdate(merge=arrays_to_factors(f"u{index}/merge", arrays), global_lora=glob or None)
+    update = ServerUpdate(merge=arrays_to_factors(f"u{index}/merge", arrays), global_lora=glob or None, round=index)
     return update, arrays_to_tensors(f"u{index}/extra", arrays)
 
 

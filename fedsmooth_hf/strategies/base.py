@@ -56,10 +56,13 @@ class ServerUpdate:
         merge: factors added into the base weights, ``W += s * B @ A`` (exact, any rank).
         global_lora: the adapter of the new global model, or ``None`` for a zero
             adapter (everything already merged into the base).
+        round: 0-based round that produced it (``None``: the receiver's current round).
+            A client that skipped rounds needs to know which aggregates it missed.
     """
 
     merge: ModuleFactors
     global_lora: ModuleFactors | None
+    round: int | None = None
 
 
 def normalize_weights(weights: Mapping[int, float]) -> dict[int, float]:
@@ -234,6 +237,10 @@ class FederatedStrategy:
     def describe(self) -> dict:
         """Hyper-parameters for logs, checkpoints and model cards."""
         return {"strategy": self.name, "rank": self.rank, "num_rounds": self.num_rounds}
+
+    def summary(self) -> str:
+        """:meth:`describe` on one line, for run summaries: the values in force, defaults resolved."""
+        return ", ".join(f"{k}={v}" for k, v in self.describe().items())
 
 
 def flatten_factors(prefix: str, factors: Mapping[str, Factors]) -> dict[str, torch.Tensor]:

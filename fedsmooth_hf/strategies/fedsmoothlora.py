@@ -11,6 +11,17 @@ aggregate ``(B_s, A_s)``, already merged into ``W``):
 
 Server: ``(B_s, A_s) = SVD_r(sum_c (n_c/N) B_c A_c)`` merged into ``W``. Every sum
 above is exact in factored form (``lowrank.truncated_svd``).
+
+The paper runs every client every round. A client whose last upload is ``k > 1``
+rounds old is outside it; ``stale_round_matching`` says what it starts from:
+
+* ``reset``: no Round-Matching, the current global model (as a first-time client);
+* ``continuity``: its own old end state, ``W_rm = zeta (B_c A_c - sum of the aggregates
+  merged since)``, exact in factored form, truncated to rank 2r;
+* ``paper``: the published formula as is, ``zeta (B_c A_c - B_s A_s)`` with the latest
+  aggregate (neither the old end state nor the global model).
+
+With ``k = 1`` (always, under full participation) the three are the same number.
 """
 
 from __future__ import annotations
@@ -34,7 +45,21 @@ from .base import (
 )
 from .registry import register_strategy
 
-ZETA_MODES = ("constant", "cosine")
+ZETA_MODES = ("auto", "constant", "cosine")
+STALE_ROUND_MATCHING = ("reset", "continuity", "paper")
+
+
+def resolve_zeta_mode(mode: str, iid_data: bool | None) -> str:
+    """``auto``: ``constant`` on an IID split, ``cosine`` otherwise (the authors' advice).
+
+    ``iid_data=None`` (heterogeneity unknown, e.g. user-given client datasets) is
+    treated as non-IID: a decaying zeta is the safe choice there.
+    """
+    if mode not in ZETA_MODES:
+        raise ValueError(f"zeta_mode must be one of {ZETA_MODES}, got '{mode}'")
+    if mode != "auto":
+        return mode
+    return "constant" if iid_data else "cosine"
 
 
 def zeta_schedule(round_idx: int, num_rounds: int, zeta: float, mode: str, min_zeta: float) -> float:
@@ -43,7 +68,7 @@ def zeta_schedule(round_idx: int, num_rounds: int, zeta: float, mode: str, min_z
         return zeta
     if mode == "cosine":
         return min_zeta + 0.5 * (zeta - min_zeta) * (1.0 + math.cos(math.pi * round_idx / num_rounds))
-    raise ValueError(f"zeta_mode must be one of {ZETA_MODES}, got '{mode}'")
+    raise ValueError(f"zeta_mode must be one of {ZETA_MODES[1:]} once resolved, got '{mode}'")
 
 
 @register_strategy
@@ -55,8 +80,12 @@ class FedSmoothLoRA(FederatedStrategy):
         num_rounds: total rounds (for the cosine zeta schedule).
         gamma: stable-scale constant of the Gradient-Aligned factors, ``k = d_out^(1/4)/sqrt(gamma)``.
         zeta: Round-Matching weight (``1.0``: each client resumes its own previous end state).
-        zeta_mode: ``"constant"`` or ``"cosine"`` (decays to ``min_zeta``; suggested for non-IID).
+        zeta_mode: ``"constant"``, ``"cosine"`` (decays to ``min_zeta``) or ``"auto"``: constant
+            when ``iid_data`` is true, cosine otherwise.
         min_zeta: floor of the cosine schedule.
+        iid_data: whether the clients' data is an IID split (``None``: unknown); read by ``auto``.
+        stale_round_matching: start of a client whose last upload is more than one round
+            old: ``"reset"``, ``"continuity"`` or ``"paper"`` (module docstring).
         ga_init: ``False`` is an ablation (the paper's "w/o GA"): no gradient is estimated; a
             client starts from PEFT's plain LoRA init in round 0 and from ``SVD_r(W_rm)``
             afterwards (Round-Matching only), with no frozen offset.
@@ -71,23 +100,31 @@ class FedSmoothLoRA(FederatedStrategy):
         num_rounds: int = 1,
         gamma: float = 64.0,
         zeta: float = 1.0,
-        zeta_mode: str = "constant",
+        zeta_mode: str = "auto",
         min_zeta: float = 0.0,
         ga_init: bool = True,
+        iid_data: bool | None = None,
+        stale_round_matching: str = "reset",
     ):
         super().__init__(rank, num_rounds)
         if gamma <= 0:
             raise ValueError(f"gamma must be > 0, got {gamma}")
-        if zeta_mode not in ZETA_MODES:
-            raise ValueError(f"zeta_mode must be one of {ZETA_MODES}, got '{zeta_mode}'")
+        if stale_round_matching not in STALE_ROUND_MATCHING:
+            raise ValueError(
+                f"stale_round_matching must be one of {STALE_ROUND_MATCHING}, got '{stale_round_matching}'"
+            )
         self.gamma = float(gamma)
         self.zeta = float(zeta)
-        self.zeta_mode = zeta_mode
+        self.requested_zeta_mode = zeta_mode
+        self.zeta_mode = resolve_zeta_mode(zeta_mode, iid_data)
+        self.stale_round_matching = stale_round_matching
         self.min_zeta = float(min_zeta)
         self.ga_init = bool(ga_init)
         self.needs_gradient = self.ga_init  # the trainer skips the gradient pass when False
         self._client_uploads: dict[int, ModuleFactors] = {}
+        self._upload_round: dict[int, int | None] = {}  # round of each client's last upload (None: unknown)
         self._server: ModuleFactors | None = None
+        self._merged: dict[int, ModuleFactors] = {}  # aggregates by round, since the stalest upload (continuity)
         self._ga: dict[int, ModuleFactors] = {}  # per client, between client_start and client_upload
 
     def current_zeta(self) -> float:
@@ -99,9 +136,27 @@ class FedSmoothLoRA(FederatedStrategy):
         own = self._client_uploads.get(client)
         if self._server is None or own is None or zeta == 0.0:
             return None
+        at = self._upload_round.get(client)
+        missed = 1 if at is None else self.round - at  # aggregates merged since its upload
+        if missed <= 1 or self.stale_round_matching == "paper":
+            return {
+                name: stack_factors(
+                    [own[name][0], self._server[name][0]], [own[name][1], self._server[name][1]], [zeta, -zeta]
+                )
+                for name in self.init_lora
+            }
+        if self.stale_round_matching == "reset":
+            return None
+        since = range(self._upload_round[client], self.round)
+        absent = [j for j in since if j not in self._merged]
+        if absent:
+            raise RuntimeError(f"client {client}: the aggregates of rounds {absent} it missed were not kept")
         return {
-            name: stack_factors(
-                [own[name][0], self._server[name][0]], [own[name][1], self._server[name][1]], [zeta, -zeta]
+            name: truncated_svd(
+                [own[name][0], *(self._merged[j][name][0] for j in since)],
+                [own[name][1], *(self._merged[j][name][1] for j in since)],
+                2 * self.rank,
+                [zeta] + [-zeta] * len(since),
             )
             for name in self.init_lora
         }
@@ -145,7 +200,7 @@ class FedSmoothLoRA(FederatedStrategy):
         ga = self._ga.pop(client)
         if ga is None:  # ga_init=False: nothing to subtract, the adapter is the change relative to W
             upload = {n: truncated_svd([B.float().cpu()], [A.float().cpu()], self.rank) for n, (B, A) in trained.items()}
-            self._client_uploads[client] = upload
+            self.remember_upload(client, upload)
             return upload
         upload = {}
         for name, (B, A) in trained.items():
@@ -156,35 +211,52 @@ class FedSmoothLoRA(FederatedStrategy):
             if not (torch.isfinite(upload[name][0]).all() and torch.isfinite(upload[name][1]).all()):
                 # not recorded: a non-finite upload would poison this client's next Round-Matching start
                 raise ValueError(f"client {client}: the upload of module '{name}' is non-finite")
-        self._client_uploads[client] = upload
+        self.remember_upload(client, upload)
         return upload
 
     def remember_upload(self, client: int, upload: ModuleFactors) -> None:
         self._client_uploads[client] = upload
+        self._upload_round[client] = self.round
 
     def aggregate(self, uploads: Mapping[int, ModuleFactors], weights: Mapping[int, float]) -> ServerUpdate:
         w = self._validated(uploads, weights)
         self._server = truncated_product_mean(uploads, w, self.rank)
-        return ServerUpdate(merge=self._server, global_lora=None)
+        return ServerUpdate(merge=self._server, global_lora=None, round=self.round)
 
     def receive_update(self, update: ServerUpdate) -> None:
         """The server's aggregate ``(B_s, A_s)`` is the merged update: Round-Matching reads it."""
         self._server = {n: (B.clone(), A.clone()) for n, (B, A) in update.merge.items()}
+        if self.stale_round_matching == "continuity":
+            self._merged[self.round if update.round is None else update.round] = self._server
+            oldest = min((at for at in self._upload_round.values() if at is not None), default=None)
+            self._merged = {j: f for j, f in self._merged.items() if oldest is not None and j >= oldest}
 
     # -- persistence -----------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """``server``, ``client<c>@<round of its upload>`` and (continuity) ``merged<round>`` factors."""
         state = {}
         if self._server is not None:
             state.update(flatten_factors("server", self._server))
         for c, up in self._client_uploads.items():
-            state.update(flatten_factors(f"client{c}", up))
+            at = self._upload_round.get(c)
+            state.update(flatten_factors(f"client{c}" if at is None else f"client{c}@{at}", up))
+        for j, agg in self._merged.items():
+            state.update(flatten_factors(f"merged{j}", agg))
         return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        prefixes = {k.split("/", 1)[0] for k in state}
         server = unflatten_factors("server", state)
         self._server = server or None
-        clients = {int(k.split("/", 1)[0][len("client") :]) for k in state if k.startswith("client")}
-        self._client_uploads = {c: unflatten_factors(f"client{c}", state) for c in sorted(clients)}
+        self._client_uploads, self._upload_round, self._merged = {}, {}, {}
+        for prefix in sorted(prefixes):
+            if prefix.startswith("client"):
+                client, _, at = prefix[len("client"):].partition("@")
+                self._client_uploads[int(client)] = unflatten_factors(prefix, state)
+                # checkpoints written before upload rounds were kept: treated as last round's upload
+                self._upload_round[int(client)] = int(at) if at else None
+            elif prefix.startswith("merged"):
+                self._merged[int(prefix[len("merged"):])] = unflatten_factors(prefix, state)
         self._ga = {}
 
     def client_state_bytes(self) -> int:
@@ -200,6 +272,8 @@ class FedSmoothLoRA(FederatedStrategy):
             "gamma": self.gamma,
             "zeta": self.zeta,
             "zeta_mode": self.zeta_mode,
+            "zeta_mode_requested": self.requested_zeta_mode,
             "min_zeta": self.min_zeta,
             "ga_init": self.ga_init,
+            "stale_round_matching": self.stale_round_matching,
         }
