@@ -643,8 +643,7 @@ class FederatedTrainer(Trainer):
             ) if update.merge else 0.0,
             "failed_clients": {str(c): r for c, r in failed.items()},
         }
-        if hasattr(self.strategy, "current_zeta"):
-            record["zeta"] = float(self.strategy.current_zeta())
+        record.update(self.strategy.round_metrics())
         if self._eval_due(round_idx):
             record.update(self._evaluate_round(number, ignore_keys_for_eval, record=False))
         record["round_time_s"] = time.perf_counter() - t0

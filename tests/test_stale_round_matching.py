@@ -141,3 +141,32 @@ def test_zeta_mode_auto_resolves_by_split():
         FederatedArguments(stale_round_matching="skip")
     with pytest.raises(ValueError, match="stale_round_matching"):
         get_strategy("fedsmoothlora", rank=2, stale_round_matching="skip")
+
+
+def test_round_metrics_report_the_share_of_round_matching_kept():
+    """rm_kept = 1 - ||SVD_r(B_ga A_ga + W_rm) - B_ga A_ga - W_rm|| / ||W_rm||, checked densely."""
+    from fedsmooth_hf.lora_init import gradient_aligned_factors
+
+    strat = get_strategy("fedsmoothlora", rank=R, num_rounds=4, gamma=16.0, zeta=1.0, zeta_mode="constant")
+    gen = torch.Generator().manual_seed(3)
+    strat.setup(_factors(gen))
+    grads = {n: torch.randn(*s, generator=gen, dtype=torch.float64) for n, s in SHAPES.items()}
+    strat.begin_round(0)
+    for c in (0, 1):
+        strat.client_start(c, grads)
+        strat.client_upload(c, _factors(gen))
+    assert "rm_kept_median" not in strat.round_metrics()  # nothing to match in round 0
+    strat.receive_update(strat.aggregate(dict(strat._client_uploads), {0: 1.0, 1: 1.0}))
+    strat.begin_round(1)
+    rm = strat.round_matching(0)
+    strat.client_start(0, grads)
+    kept = []
+    for n in SHAPES:
+        B_ga, A_ga = gradient_aligned_factors(grads[n], R, 16.0)
+        W_rm = _dense(rm[n]).double()
+        start = _best_rank(B_ga @ A_ga + W_rm, R) - B_ga @ A_ga
+        kept.append(1 - torch.linalg.norm(start - W_rm) / torch.linalg.norm(W_rm))
+    metrics = strat.round_metrics()
+    assert metrics["zeta"] == 1.0
+    assert metrics["rm_kept_median"] == pytest.approx(float(torch.stack(kept).median()), abs=1e-5)
+    assert 0.0 < metrics["rm_kept_median"] < 1.0  # rank-2r W_rm cannot survive a rank-r init whole

@@ -183,6 +183,10 @@ class FederatedStrategy:
         """Called once before the clients of round ``round_idx`` (0-based) start."""
         self.round = round_idx
 
+    def round_metrics(self) -> dict[str, float]:
+        """Figures of the round just run, for its record (e.g. the Round-Matching weight); none by default."""
+        return {}
+
     # -- client side -----------------------------------------------------------------
     def gradient_point(self, client: int) -> ModuleFactors | None:
         """Low-rank offset (LoRA units) added to the global model where the client's gradient is taken; None = none."""

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import torch
 
 from ..lora_init import client_init_factors
-from ..lowrank import stack_factors, truncated_svd
+from ..lowrank import factored_norm, stack_factors, truncated_svd
 from .base import (
     ClientStart,
     Factors,
@@ -69,6 +69,15 @@ def zeta_schedule(round_idx: int, num_rounds: int, zeta: float, mode: str, min_z
     if mode == "cosine":
         return min_zeta + 0.5 * (zeta - min_zeta) * (1.0 + math.cos(math.pi * round_idx / num_rounds))
     raise ValueError(f"zeta_mode must be one of {ZETA_MODES[1:]} once resolved, got '{mode}'")
+
+
+def _share_kept(B, A, B_ga, A_ga, rm: Factors) -> float:
+    """``1 - ||(B A - B_ga A_ga) - W_rm|| / ||W_rm||``, in factored form."""
+    B_rm, A_rm = (t.to(B.dtype) for t in rm)
+    size = factored_norm([B_rm], [A_rm])
+    if size == 0.0:
+        return 1.0
+    return 1.0 - factored_norm([B, B_ga, B_rm], [A, A_ga, A_rm], [1.0, -1.0, -1.0]) / size
 
 
 @register_strategy
@@ -126,9 +135,26 @@ class FedSmoothLoRA(FederatedStrategy):
         self._server: ModuleFactors | None = None
         self._merged: dict[int, ModuleFactors] = {}  # aggregates by round, since the stalest upload (continuity)
         self._ga: dict[int, ModuleFactors] = {}  # per client, between client_start and client_upload
+        self._rm_kept: list[float] = []  # this round's share of W_rm each client start kept, per layer
 
     def current_zeta(self) -> float:
         return zeta_schedule(self.round, self.num_rounds, self.zeta, self.zeta_mode, self.min_zeta)
+
+    def begin_round(self, round_idx: int) -> None:
+        super().begin_round(round_idx)
+        self._rm_kept = []
+
+    def round_metrics(self) -> dict[str, float]:
+        """``zeta`` of the round and, when clients were matched, ``rm_kept_median``.
+
+        ``rm_kept = 1 - ||start - W_rm|| / ||W_rm||`` per layer, with ``start`` the displacement the
+        rank-r LoRA init really gives (``SVD_r(B_ga A_ga + W_rm) - B_ga A_ga``): 1 when the client
+        starts exactly at ``W + s W_rm``; lower when the truncation drops part of ``W_rm`` (rank 2r).
+        """
+        out = {"zeta": float(self.current_zeta())}
+        if self._rm_kept:
+            out["rm_kept_median"] = float(torch.tensor(self._rm_kept).median())
+        return out
 
     def round_matching(self, client: int) -> ModuleFactors | None:
         """``W_rm`` as stacked factors (inner rank 2r), or None when there is nothing to match."""
@@ -178,6 +204,8 @@ class FedSmoothLoRA(FederatedStrategy):
             (B, A), (B_ga, A_ga) = client_init_factors(
                 grads[name], self.rank, self.gamma, None if rm is None else rm[name]
             )
+            if rm is not None:
+                self._rm_kept.append(_share_kept(B, A, B_ga, A_ga, rm[name]))
             lora[name] = (B, A)
             offsets[name] = (-B_ga, A_ga)
             ga[name] = (B_ga.float().cpu(), A_ga.float().cpu())
