@@ -139,6 +139,7 @@ TASKS = {
         "metric": "eval_accuracy",
     },
 }
+DEVICE = "cpu"  # --device: where every run trains ("cuda" uses the first GPU)
 QUICK = {"num_rounds": 3, "strategies": ["fedit", "fedsmoothlora"], "seeds": 1}
 
 
@@ -230,7 +231,7 @@ class VitTask:
         if self.tiny:
             options.update(vit_hidden_size=16, vit_layers=1, vit_heads=2, pretrain_steps=0)
         args, fed_args, va = parse_args(_tokens({**options, "output_dir": out_dir, "seed": seed, "logging_steps": 1,
-                                                 "disable_tqdm": True, "use_cpu": True}))
+                                                 "disable_tqdm": True, "use_cpu": DEVICE == "cpu"}))
         if self._data is None:  # one fixed data subset (seed 0) for every run: only the federation varies
             if self.tiny:
                 train, evals = digits_source_task(0)
@@ -267,7 +268,7 @@ class NlgTask:
         )
 
         args, fed_args, md = parse_args(_tokens({**options, "output_dir": out_dir, "seed": seed, "logging_steps": 1,
-                                                 "disable_tqdm": True, "use_cpu": True}))
+                                                 "disable_tqdm": True, "use_cpu": DEVICE == "cpu"}))
         model, tokenizer = load_model_and_tokenizer(md, args)
         if self._data is None:
             train_raw, eval_raw = load_raw_data(md, 0)
@@ -327,7 +328,7 @@ class LmClassificationTask:
         args, fed_args = parser.parse_args_into_dataclasses(args=_tokens({
             "report_to": "none", "save_strategy": "no", "lr_scheduler_type": "constant",
             **options, "output_dir": out_dir, "seed": seed, "logging_steps": 1, "disable_tqdm": True,
-            "use_cpu": True}))
+            "use_cpu": DEVICE == "cpu"}))
         path = smollm2_checkpoint()
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
@@ -571,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", default=None, help="comma-separated subset of the task's partitions")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe/federated argument, e.g. --set local_steps=10")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the runs train; results of a cuda sweep go to convergence_<task>_cuda.json")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--resume", action="store_true", help="keep finished runs from an existing JSON with the same settings")
     p.add_argument("--report-only", action="store_true", help="no new runs: table and plot from the existing JSON")
@@ -578,7 +581,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    global DEVICE
     a = build_parser().parse_args(argv)
+    DEVICE = a.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
     spec = TASKS[a.task]
     options = dict(spec["recipe"])
     seeds = a.seeds or (QUICK["seeds"] if a.quick else spec["seeds"])
@@ -603,8 +610,8 @@ def main(argv: list[str] | None = None) -> dict:
         configs = {name: {"strategy": name} for name in names}
 
     out_dir = Path(a.out_dir)
-    json_path = out_dir / f"convergence_{a.task}.json"
-    settings = {"task": a.task, "recipe_options": options, "partitions": partitions, "seeds": list(range(seeds)),
+    json_path = out_dir / f"convergence_{a.task}{'_cuda' if DEVICE == 'cuda' else ''}.json"
+    settings = {"task": a.task, "device": DEVICE, "recipe_options": options, "partitions": partitions, "seeds": list(range(seeds)),
                 "configs": configs, "quick": a.quick,
                 "threads": torch.get_num_threads()}
     runs: list[dict] = []

@@ -86,6 +86,26 @@ def test_convergence_tiny_two_strategies(tmp_path):
         assert 0 <= row["final"]["mean"] <= 1
 
 
+def test_convergence_lm_classification_on_the_pretrained_backbone(tmp_path):
+    """The lm-cls task end to end at seconds' size: SmolLM2-135M, a new 45-way head, Dirichlet clients."""
+    from benchmarks import convergence
+
+    convergence.main(["--task", "lm-cls", "--strategies", "fedit,fedsmoothlora", "--partitions", "dirichlet0.1",
+                      "--seeds", "1", "--rounds", "2", "--set", "num_clients=3", "--set", "local_steps=1",
+                      "--set", "max_eval_samples=16", "--set", "ga_samples=4", "--set", "ga_batch_size=4",
+                      "--set", "per_device_train_batch_size=4", "--set", "max_length=16",
+                      "--out-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "convergence_lm-cls.json").read_text())
+    assert [r["name"] for r in saved["runs"]] == ["fedit", "fedsmoothlora"]
+    assert saved["runs"][0]["task_info"]["data"] == "WordNet gloss -> 45 lexicographer categories"
+    for run in saved["runs"]:
+        assert [p["round"] for p in run["rounds"]] == [0, 1, 2]
+        assert all(0 <= p["eval_accuracy"] <= 1 and p["eval_loss"] > 0 for p in run["rounds"])
+    smooth = saved["runs"][1]["rounds"]
+    assert smooth[1]["zeta"] == 1.0 and smooth[2]["zeta"] < 1.0  # zeta_mode=auto on a Dirichlet split: cosine
+    assert 0 < smooth[2]["rm_kept_median"] <= 1
+
+
 def test_client_loss_jump_and_rounds_to_reach():
     from benchmarks.convergence import client_loss_jumps, rounds_to_reach
 
