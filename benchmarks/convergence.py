@@ -100,12 +100,14 @@ TASKS = {
             "fedsmoothlora stale=continuity": {"stale_round_matching": "continuity"},
             "fedsmoothlora stale=paper": {"stale_round_matching": "paper"},
             "fedsmoothlora min_zeta=0.5": {"min_zeta": 0.5},
+            "fedsmoothlora exact_round_matching": {"exact_round_matching": "true"},
         },
         # under full participation the three stale-client policies are the same computation
         "skip": [("fedsmoothlora stale=continuity", "dirichlet0.1-10of10"),
                  ("fedsmoothlora stale=paper", "dirichlet0.1-10of10"),
                  ("fedsmoothlora min_zeta=0.5", "dirichlet0.1-5of10"),
-                 ("fedsmoothlora min_zeta=0.5", "dirichlet0.1-2of10")],
+                 ("fedsmoothlora min_zeta=0.5", "dirichlet0.1-2of10"),
+                 ("fedsmoothlora exact_round_matching", "dirichlet0.1-2of10")],
     },
     # A pretrained foundation model, a new head, label skew: the paper's image protocol on SmolLM2-135M.
     # Cuts to fit 2 CPU cores: LoRA on q_proj/v_proj only, 32-token inputs, 300 eval examples.

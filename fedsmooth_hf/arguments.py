@@ -67,6 +67,11 @@ class FederatedArguments:
         metadata={"help": f"Start of a client whose last round was not the previous one: one of "
                           f"{STALE_ROUND_MATCHING} (docs/method.md, partial participation)."},
     )
+    exact_round_matching: bool = field(
+        default=False,
+        metadata={"help": "FedSmoothLoRA variant (not the paper's): keep the whole Round-Matching term in the frozen "
+                          "offset and start LoRA at the Gradient-Aligned factors, so no part of W_rm is truncated."},
+    )
     ga_init: bool = field(
         default=True,
         metadata={"help": "FedSmoothLoRA only: Gradient-Aligned client starts. False is an ablation: plain LoRA "
@@ -152,6 +157,7 @@ class FederatedArguments:
         return {
             "iid_data": iid_data,
             "stale_round_matching": self.stale_round_matching,
+            "exact_round_matching": self.exact_round_matching,
             "rank": self.lora_r,
             "num_rounds": self.num_rounds,
             "gamma": self.gamma,

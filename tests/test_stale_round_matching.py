@@ -170,3 +170,39 @@ def test_round_metrics_report_the_share_of_round_matching_kept():
     assert metrics["zeta"] == 1.0
     assert metrics["rm_kept_median"] == pytest.approx(float(torch.stack(kept).median()), abs=1e-5)
     assert 0.0 < metrics["rm_kept_median"] < 1.0  # rank-2r W_rm cannot survive a rank-r init whole
+
+
+def test_exact_round_matching_starts_exactly_at_w_rm_and_uploads_the_change():
+    """Variant: LoRA = GA factors, offset = -B_ga A_ga + W_rm; upload = SVD_r(B A - B_ga A_ga + W_rm)."""
+    from fedsmooth_hf.lora_init import gradient_aligned_factors
+
+    strat = get_strategy("fedsmoothlora", rank=R, num_rounds=4, gamma=16.0, zeta=0.8, zeta_mode="constant",
+                         exact_round_matching=True)
+    gen = torch.Generator().manual_seed(4)
+    strat.setup(_factors(gen))
+    grads = {n: torch.randn(*s, generator=gen, dtype=torch.float64) for n, s in SHAPES.items()}
+    strat.begin_round(0)
+    for c in (0, 1):
+        start0 = strat.client_start(c, grads)
+        strat.client_upload(c, _factors(gen))
+    for n in SHAPES:  # round 0 has no W_rm: the same start as the paper's
+        B_ga, A_ga = gradient_aligned_factors(grads[n], R, 16.0)
+        torch.testing.assert_close(_dense(start0.offsets[n]), -B_ga @ A_ga)
+    strat.receive_update(strat.aggregate(dict(strat._client_uploads), {0: 1.0, 1: 2.0}))
+    strat.begin_round(1)
+    W_rm = {n: _dense(f).double() for n, f in strat.round_matching(0).items()}
+    start = strat.client_start(0, grads)
+    trained = {n: (B + 0.1 * torch.randn(B.shape, generator=gen, dtype=B.dtype),
+                   A + 0.1 * torch.randn(A.shape, generator=gen, dtype=A.dtype)) for n, (B, A) in start.lora.items()}
+    upload = strat.client_upload(0, trained)
+    for n in SHAPES:
+        B_ga, A_ga = gradient_aligned_factors(grads[n], R, 16.0)
+        torch.testing.assert_close(_dense(start.lora[n]).double(), B_ga @ A_ga)
+        # effective start W + s (lora + offset) = W + s W_rm, exactly
+        torch.testing.assert_close(_dense(start.lora[n]).double() + _dense(start.offsets[n]).double(), W_rm[n],
+                                   rtol=1e-5, atol=1e-6)
+        expect = _best_rank(_dense(trained[n]).double() - B_ga @ A_ga + W_rm[n], R)
+        torch.testing.assert_close(_dense(upload[n]).double(), expect, rtol=1e-4, atol=1e-5)
+    assert strat.round_metrics()["rm_kept_median"] == 1.0
+    with pytest.raises(ValueError, match="exact_round_matching"):
+        get_strategy("fedsmoothlora", rank=R, exact_round_matching=True, ga_init=False)

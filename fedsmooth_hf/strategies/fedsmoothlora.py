@@ -95,6 +95,10 @@ class FedSmoothLoRA(FederatedStrategy):
         iid_data: whether the clients' data is an IID split (``None``: unknown); read by ``auto``.
         stale_round_matching: start of a client whose last upload is more than one round
             old: ``"reset"``, ``"continuity"`` or ``"paper"`` (module docstring).
+        exact_round_matching: a variant (not the paper's): LoRA starts at the GA factors and
+            the whole ``W_rm`` joins the frozen offset, ``- s B_ga A_ga + s W_rm``, so a client
+            starts exactly at ``W + s W_rm`` (the paper's rank-r ``SVD_r(B_ga A_ga + W_rm)``
+            drops part of it); the upload is ``SVD_r(B A - B_ga A_ga + W_rm)``.
         ga_init: ``False`` is an ablation (the paper's "w/o GA"): no gradient is estimated; a
             client starts from PEFT's plain LoRA init in round 0 and from ``SVD_r(W_rm)``
             afterwards (Round-Matching only), with no frozen offset.
@@ -114,6 +118,7 @@ class FedSmoothLoRA(FederatedStrategy):
         ga_init: bool = True,
         iid_data: bool | None = None,
         stale_round_matching: str = "reset",
+        exact_round_matching: bool = False,
     ):
         super().__init__(rank, num_rounds)
         if gamma <= 0:
@@ -127,6 +132,9 @@ class FedSmoothLoRA(FederatedStrategy):
         self.requested_zeta_mode = zeta_mode
         self.zeta_mode = resolve_zeta_mode(zeta_mode, iid_data)
         self.stale_round_matching = stale_round_matching
+        if exact_round_matching and not ga_init:
+            raise ValueError("exact_round_matching keeps W_rm beside the Gradient-Aligned start: it needs ga_init=True")
+        self.exact_round_matching = bool(exact_round_matching)
         self.min_zeta = float(min_zeta)
         self.ga_init = bool(ga_init)
         self.needs_gradient = self.ga_init  # the trainer skips the gradient pass when False
@@ -134,7 +142,7 @@ class FedSmoothLoRA(FederatedStrategy):
         self._upload_round: dict[int, int | None] = {}  # round of each client's last upload (None: unknown)
         self._server: ModuleFactors | None = None
         self._merged: dict[int, ModuleFactors] = {}  # aggregates by round, since the stalest upload (continuity)
-        self._ga: dict[int, ModuleFactors] = {}  # per client, between client_start and client_upload
+        self._offsets: dict[int, ModuleFactors | None] = {}  # frozen offsets, between client_start and upload
         self._rm_kept: list[float] = []  # this round's share of W_rm each client start kept, per layer
 
     def current_zeta(self) -> float:
@@ -199,8 +207,16 @@ class FedSmoothLoRA(FederatedStrategy):
         if missing:
             raise ValueError(f"no gradient was estimated for modules {missing[:5]}")
         rm = self.round_matching(client)
-        lora, offsets, ga = {}, {}, {}
+        lora, offsets = {}, {}
         for name in self.init_lora:
+            if rm is not None and self.exact_round_matching:
+                # LoRA at the GA factors; the whole W_rm in the frozen offset, nothing truncated
+                _, (B_ga, A_ga) = client_init_factors(grads[name], self.rank, self.gamma, None)
+                B_rm, A_rm = (t.to(device=B_ga.device, dtype=B_ga.dtype) for t in rm[name])
+                lora[name] = (B_ga.clone(), A_ga.clone())
+                offsets[name] = (torch.cat([-B_ga, B_rm], dim=1), torch.cat([A_ga, A_rm], dim=0))
+                self._rm_kept.append(1.0)
+                continue
             (B, A), (B_ga, A_ga) = client_init_factors(
                 grads[name], self.rank, self.gamma, None if rm is None else rm[name]
             )
@@ -208,8 +224,8 @@ class FedSmoothLoRA(FederatedStrategy):
                 self._rm_kept.append(_share_kept(B, A, B_ga, A_ga, rm[name]))
             lora[name] = (B, A)
             offsets[name] = (-B_ga, A_ga)
-            ga[name] = (B_ga.float().cpu(), A_ga.float().cpu())
-        self._ga[client] = ga
+        # the upload is the change relative to W: trained adapter + frozen offset
+        self._offsets[client] = {n: (B.float().cpu(), A.float().cpu()) for n, (B, A) in offsets.items()}
         return ClientStart(lora=lora, offsets=offsets)
 
     def _round_matching_only_start(self, client: int) -> ClientStart:
@@ -219,23 +235,21 @@ class FedSmoothLoRA(FederatedStrategy):
             lora = {n: (B.clone(), A.clone()) for n, (B, A) in self.init_lora.items()}
         else:
             lora = {n: truncated_svd([B], [A], self.rank) for n, (B, A) in rm.items()}
-        self._ga[client] = None
+        self._offsets[client] = None
         return ClientStart(lora=lora)
 
     def client_upload(self, client: int, trained: Mapping[str, Factors]) -> ModuleFactors:
-        if client not in self._ga:
+        if client not in self._offsets:
             raise RuntimeError(f"client_upload for client {client} without a matching client_start")
-        ga = self._ga.pop(client)
-        if ga is None:  # ga_init=False: nothing to subtract, the adapter is the change relative to W
+        offsets = self._offsets.pop(client)
+        if offsets is None:  # ga_init=False: no offset, the adapter is the change relative to W
             upload = {n: truncated_svd([B.float().cpu()], [A.float().cpu()], self.rank) for n, (B, A) in trained.items()}
             self.remember_upload(client, upload)
             return upload
         upload = {}
         for name, (B, A) in trained.items():
-            B_ga, A_ga = ga[name]
-            upload[name] = truncated_svd(
-                [B.float().cpu(), B_ga], [A.float().cpu(), A_ga], self.rank, [1.0, -1.0]
-            )
+            B_off, A_off = offsets[name]
+            upload[name] = truncated_svd([B.float().cpu(), B_off], [A.float().cpu(), A_off], self.rank)
             if not (torch.isfinite(upload[name][0]).all() and torch.isfinite(upload[name][1]).all()):
                 # not recorded: a non-finite upload would poison this client's next Round-Matching start
                 raise ValueError(f"client {client}: the upload of module '{name}' is non-finite")
@@ -285,7 +299,7 @@ class FedSmoothLoRA(FederatedStrategy):
                 self._upload_round[int(client)] = int(at) if at else None
             elif prefix.startswith("merged"):
                 self._merged[int(prefix[len("merged"):])] = unflatten_factors(prefix, state)
-        self._ga = {}
+        self._offsets = {}
 
     def client_state_bytes(self) -> int:
         return sum(
@@ -304,4 +318,5 @@ class FedSmoothLoRA(FederatedStrategy):
             "min_zeta": self.min_zeta,
             "ga_init": self.ga_init,
             "stale_round_matching": self.stale_round_matching,
+            "exact_round_matching": self.exact_round_matching,
         }
