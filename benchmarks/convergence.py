@@ -110,11 +110,11 @@ TASKS = {
                  ("fedsmoothlora exact_round_matching", "dirichlet0.1-2of10")],
     },
     # A pretrained foundation model, a new head, label skew: the paper's image protocol on SmolLM2-135M.
-    # Cuts to fit 2 CPU cores: LoRA on q_proj/v_proj only, 32-token inputs, 300 eval examples.
+    # Cuts to fit 2 CPU cores: LoRA on q_proj/v_proj only, 32-token inputs, 200 eval examples.
     "lm-cls": {
-        "recipe": {"num_clients": 10, "num_rounds": 8, "local_steps": 4, "learning_rate": 1e-3,
-                   "per_device_train_batch_size": 8, "per_device_eval_batch_size": 64,
-                   "max_eval_samples": 300, "max_length": 32, "ga_samples": 16, "ga_batch_size": 8,
+        "recipe": {"num_clients": 10, "num_rounds": 8, "local_steps": 3, "learning_rate": 1e-3,
+                   "per_device_train_batch_size": 8, "per_device_eval_batch_size": 50,
+                   "max_eval_samples": 200, "max_length": 32, "ga_samples": 16, "ga_batch_size": 8,
                    "lora_r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
                    "modules_to_save": ["score"]},
         "partitions": {"dirichlet0.1": {"partition": "dirichlet", "dirichlet_alpha": 0.1, "partition_column": "label"},
