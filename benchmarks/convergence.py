@@ -106,9 +106,11 @@ TASKS = {
                  ("fedsmoothlora exact_round_matching", "dirichlet0.1-2of10")],
     },
     # A pretrained foundation model, a new head, label skew: the paper's image protocol on SmolLM2-135M.
-    # Cuts to fit 2 CPU cores: LoRA on q_proj/v_proj only, 32-token inputs, 200 eval examples.
+    # Cuts to fit 2 CPU cores: the first 12 of the 30 pretrained decoder layers, LoRA on q_proj/v_proj
+    # only, 32-token inputs, 200 eval examples.
     "lm-cls": {
-        "recipe": {"num_clients": 10, "num_rounds": 8, "local_steps": 3, "learning_rate": 1e-3,
+        "recipe": {"num_clients": 10, "num_rounds": 8, "local_steps": 4, "learning_rate": 2e-3,
+                   "backbone_layers": 12,
                    "per_device_train_batch_size": 8, "per_device_eval_batch_size": 50,
                    "max_eval_samples": 200, "max_length": 32, "ga_samples": 16, "ga_batch_size": 8,
                    "lora_r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
@@ -287,7 +289,7 @@ class LmClassificationTask:
     a fresh head trained in full (``modules_to_save``), clients split by label.
     """
 
-    MODEL_OPTIONS = ("max_length", "max_train_samples", "max_eval_samples")
+    MODEL_OPTIONS = ("max_length", "max_train_samples", "max_eval_samples", "backbone_layers")
 
     def __init__(self):
         self._data = None
@@ -348,10 +350,12 @@ class LmClassificationTask:
             self._data = (train, evals, names)
         train, evals, names = self._data
         torch.manual_seed(seed + 1)  # the fresh head
-        model = LlamaForSequenceClassification.from_pretrained(path, num_labels=len(names))
+        layers = int(extra.get("backbone_layers", 30))  # the first k pretrained decoder layers of 30
+        model = LlamaForSequenceClassification.from_pretrained(path, num_labels=len(names), num_hidden_layers=layers)
         model.config.pad_token_id = tokenizer.pad_token_id
         info = {"data": f"WordNet gloss -> {len(names)} lexicographer categories", "train": len(train),
-                "eval": len(evals), "model": "SmolLM2-135M-Instruct + new classification head"}
+                "eval": len(evals), "model": f"SmolLM2-135M-Instruct (first {layers} of 30 decoder layers) "
+                                             "+ new classification head"}
         return dict(model=model, args=args, fed_args=fed_args, train_dataset=train, eval_dataset=evals,
                     data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_accuracy), info
 
