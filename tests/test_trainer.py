@@ -110,6 +110,23 @@ def test_same_seed_same_result_and_resume_is_exact(tmp_path):
     assert c.round_history[-1]["eval_loss"] == pytest.approx(a.round_history[-1]["eval_loss"], abs=1e-6)
 
 
+def test_partial_participation_with_continuity_resumes_exactly(tmp_path):
+    """Stale clients under the continuity policy: the missed aggregates are checkpointed and resume exactly."""
+    from safetensors.torch import load_file
+
+    fed = dict(strategy="fedsmoothlora", num_rounds=4, save_rounds=1, clients_per_round=2, local_steps=2,
+               stale_round_matching="continuity")
+    a = _trainer(tmp_path / "a", fed=_fed(**fed))
+    a.train()
+    saved = load_file(str(tmp_path / "a" / "round-2" / "strategy.safetensors"))
+    assert any(k.startswith("merged") for k in saved) and any("@" in k for k in saved)
+    c = _trainer(tmp_path / "a", fed=_fed(**fed))
+    c.train(resume_from_checkpoint=str(tmp_path / "a" / "round-2"))
+    Wa, Wc = _base_weights(a), _base_weights(c)
+    for n in Wa:
+        torch.testing.assert_close(Wc[n], Wa[n], rtol=0, atol=1e-6)
+
+
 def test_rounds_see_different_data_and_clients_are_sampled(tmp_path):
     seen = []
 

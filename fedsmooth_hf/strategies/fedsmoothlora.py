@@ -282,8 +282,8 @@ class FedSmoothLoRA(FederatedStrategy):
         for c, up in self._client_uploads.items():
             at = self._upload_round.get(c)
             state.update(flatten_factors(f"client{c}" if at is None else f"client{c}@{at}", up))
-        for j, agg in self._merged.items():
-            state.update(flatten_factors(f"merged{j}", agg))
+        for j, agg in self._merged.items():  # the latest is also ``server``: safetensors wants unshared storage
+            state.update(flatten_factors(f"merged{j}", {n: (B.clone(), A.clone()) for n, (B, A) in agg.items()}))
         return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
