@@ -63,7 +63,7 @@ class FederatedArguments:
     )
     min_zeta: float = field(default=0.0, metadata={"help": "Final zeta of the cosine schedule."})
     stale_round_matching: str = field(
-        default="reset",
+        default="continuity",
         metadata={"help": f"Start of a client whose last round was not the previous one: one of "
                           f"{STALE_ROUND_MATCHING} (docs/method.md, partial participation)."},
     )

@@ -15,9 +15,9 @@ above is exact in factored form (``lowrank.truncated_svd``).
 The paper runs every client every round. A client whose last upload is ``k > 1``
 rounds old is outside it; ``stale_round_matching`` says what it starts from:
 
+* ``continuity`` (default): its own old end state, ``W_rm = zeta (B_c A_c - sum of the
+  aggregates merged since)``, exact in factored form, truncated to rank 2r;
 * ``reset``: no Round-Matching, the current global model (as a first-time client);
-* ``continuity``: its own old end state, ``W_rm = zeta (B_c A_c - sum of the aggregates
-  merged since)``, exact in factored form, truncated to rank 2r;
 * ``paper``: the published formula as is, ``zeta (B_c A_c - B_s A_s)`` with the latest
   aggregate (neither the old end state nor the global model).
 
@@ -46,7 +46,7 @@ from .base import (
 from .registry import register_strategy
 
 ZETA_MODES = ("auto", "constant", "cosine")
-STALE_ROUND_MATCHING = ("reset", "continuity", "paper")
+STALE_ROUND_MATCHING = ("continuity", "reset", "paper")
 
 
 def resolve_zeta_mode(mode: str, iid_data: bool | None) -> str:
@@ -94,7 +94,7 @@ class FedSmoothLoRA(FederatedStrategy):
         min_zeta: floor of the cosine schedule.
         iid_data: whether the clients' data is an IID split (``None``: unknown); read by ``auto``.
         stale_round_matching: start of a client whose last upload is more than one round
-            old: ``"reset"``, ``"continuity"`` or ``"paper"`` (module docstring).
+            old: ``"continuity"``, ``"reset"`` or ``"paper"`` (module docstring).
         exact_round_matching: a variant (not the paper's): LoRA starts at the GA factors and
             the whole ``W_rm`` joins the frozen offset, ``- s B_ga A_ga + s W_rm``, so a client
             starts exactly at ``W + s W_rm`` (the paper's rank-r ``SVD_r(B_ga A_ga + W_rm)``
@@ -117,7 +117,7 @@ class FedSmoothLoRA(FederatedStrategy):
         min_zeta: float = 0.0,
         ga_init: bool = True,
         iid_data: bool | None = None,
-        stale_round_matching: str = "reset",
+        stale_round_matching: str = "continuity",
         exact_round_matching: bool = False,
     ):
         super().__init__(rank, num_rounds)
