@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lowrank import dense_top_svd, truncated_svd
+from .lowrank import truncated_svd
+from .sketch import DenseGradient
 
 __all__ = [
     "gradient_aligned_factors",
@@ -42,7 +43,7 @@ __all__ = [
 Factors = tuple[torch.Tensor, torch.Tensor]
 
 
-def gradient_aligned_factors(grad: torch.Tensor, rank: int, gamma: float) -> Factors:
+def gradient_aligned_factors(grad, rank: int, gamma: float) -> Factors:
     """LoRA-GA factors with the paper's stable scale (no singular values used).
 
     With ``G = U S V^T``: ``A = k V[:, :r]^T``, ``B = k U[:, r:2r]``,
@@ -50,9 +51,17 @@ def gradient_aligned_factors(grad: torch.Tensor, rank: int, gamma: float) -> Fac
     first LoRA step moves the weight along the top-``2r`` gradient directions.
     (PEFT's ``init_lora_weights="lora_ga"`` scales B by ``S[r:2r]`` instead; that is
     a different matrix and is not used here.)
+
+    ``grad`` is the dense ``G`` (a tensor: its exact top singular vectors are used) or
+    any estimate of it with ``.shape`` and ``.top_singular(q) -> (U, S, V)``
+    (``sketch.DenseGradient``, ``sketch.SketchedGradient``).
     """
-    if grad.dim() != 2:
-        raise ValueError(f"gradient_aligned_factors: grad must be 2-D, got shape {tuple(grad.shape)}")
+    if isinstance(grad, torch.Tensor):
+        if grad.dim() != 2:
+            raise ValueError(f"gradient_aligned_factors: grad must be 2-D, got shape {tuple(grad.shape)}")
+        if not torch.isfinite(grad).all():
+            raise ValueError("gradient_aligned_factors: the gradient contains NaN or Inf")
+        grad = DenseGradient(grad)
     if gamma <= 0:
         raise ValueError(f"gradient_aligned_factors: gamma must be > 0, got {gamma}")
     d_out, d_in = grad.shape
@@ -61,9 +70,7 @@ def gradient_aligned_factors(grad: torch.Tensor, rank: int, gamma: float) -> Fac
             f"lora_r={rank} is too large for a {d_out}x{d_in} layer: the Gradient-Aligned init needs "
             f"2 * lora_r <= min(d_out, d_in) = {min(d_out, d_in)}"
         )
-    if not torch.isfinite(grad).all():
-        raise ValueError("gradient_aligned_factors: the gradient contains NaN or Inf")
-    U, _, V = dense_top_svd(grad, 2 * rank)
+    U, _, V = grad.top_singular(2 * rank)
     k = d_out**0.25 / math.sqrt(gamma)
     A = k * V[:, :rank].T.contiguous()
     B = k * U[:, rank : 2 * rank].contiguous()
@@ -71,10 +78,11 @@ def gradient_aligned_factors(grad: torch.Tensor, rank: int, gamma: float) -> Fac
 
 
 def client_init_factors(
-    grad: torch.Tensor, rank: int, gamma: float, round_matching: Factors | None = None
+    grad, rank: int, gamma: float, round_matching: Factors | None = None
 ) -> tuple[Factors, Factors]:
     """FedSmoothLoRA client start for one layer: ``(lora (B, A), gradient-aligned (B_ga, A_ga))``.
 
+    ``grad`` is ``G`` or an estimate of it (see :func:`gradient_aligned_factors`).
     ``round_matching`` is ``W_rm`` in factored form (any inner rank, e.g. ``2r``), or
     ``None`` in round 0. The LoRA factors are ``SVD_r(B_ga A_ga + W_rm)``, exact in
     factored form; the caller offsets the frozen weight by ``- s * B_ga A_ga``.

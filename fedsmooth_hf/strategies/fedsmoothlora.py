@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..gradients import GA_ESTIMATORS
 from ..lora_init import client_init_factors
 from ..lowrank import stack_factors, truncated_svd
 from .base import (
@@ -60,6 +61,9 @@ class FedSmoothLoRA(FederatedStrategy):
         ga_init: ``False`` is an ablation (the paper's "w/o GA"): no gradient is estimated; a
             client starts from PEFT's plain LoRA init in round 0 and from ``SVD_r(W_rm)``
             afterwards (Round-Matching only), with no frozen offset.
+        ga_estimator: how the top-``2r`` gradient subspace is found: ``"sketch"`` (streaming
+            randomized sketches, memory ``O((d_in + d_out) r)`` per layer, see ``sketch.py``) or
+            ``"dense"`` (the dense gradient of every layer and its SVD, as published).
     """
 
     name = "fedsmoothlora"
@@ -74,8 +78,11 @@ class FedSmoothLoRA(FederatedStrategy):
         zeta_mode: str = "constant",
         min_zeta: float = 0.0,
         ga_init: bool = True,
+        ga_estimator: str = "sketch",
     ):
         super().__init__(rank, num_rounds)
+        if ga_estimator not in GA_ESTIMATORS:
+            raise ValueError(f"ga_estimator must be one of {GA_ESTIMATORS}, got '{ga_estimator}'")
         if gamma <= 0:
             raise ValueError(f"gamma must be > 0, got {gamma}")
         if zeta_mode not in ZETA_MODES:
@@ -85,6 +92,7 @@ class FedSmoothLoRA(FederatedStrategy):
         self.zeta_mode = zeta_mode
         self.min_zeta = float(min_zeta)
         self.ga_init = bool(ga_init)
+        self.ga_estimator = ga_estimator
         self.needs_gradient = self.ga_init  # the trainer skips the gradient pass when False
         self._client_uploads: dict[int, ModuleFactors] = {}
         self._server: ModuleFactors | None = None
@@ -109,7 +117,12 @@ class FedSmoothLoRA(FederatedStrategy):
     def gradient_point(self, client: int) -> ModuleFactors | None:
         return self.round_matching(client)
 
-    def client_start(self, client: int, grads: Mapping[str, torch.Tensor] | None = None) -> ClientStart:
+    def gradient_request(self) -> dict:
+        """The GA factors need the top ``2r`` singular directions of each layer's gradient."""
+        return {"rank": 2 * self.rank, "estimator": self.ga_estimator}
+
+    def client_start(self, client: int, grads: Mapping[str, object] | None = None) -> ClientStart:
+        """``grads``: per layer ``G`` or an estimate of it (``.top_singular``); see ``gradient_request``."""
         if not self.ga_init:
             return self._round_matching_only_start(client)
         if grads is None:
@@ -202,4 +215,5 @@ class FedSmoothLoRA(FederatedStrategy):
             "zeta_mode": self.zeta_mode,
             "min_zeta": self.min_zeta,
             "ga_init": self.ga_init,
+            "ga_estimator": self.ga_estimator,
         }
