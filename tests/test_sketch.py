@@ -190,3 +190,49 @@ def test_unknown_estimator_and_missing_rank_are_rejected():
                                     loss_fn=_mlp_loss)
     with pytest.raises(ValueError, match="needs the number of wanted directions"):
         estimate_gradient_subspaces(model, {"2": model[2]}, _mlp_batches(1), loss_fn=_mlp_loss)
+
+
+# --------------------------------------------------------------------------- the option, through the strategy
+def test_ga_estimator_option_is_validated_and_reaches_the_strategy():
+    from fedsmooth_hf import FederatedArguments
+    from fedsmooth_hf.strategies import get_strategy
+    from fedsmooth_hf.strategies.registry import strategy_from_options
+
+    with pytest.raises(ValueError, match="FederatedArguments.ga_estimator='svd'"):
+        FederatedArguments(ga_estimator="svd")
+    with pytest.raises(ValueError, match="ga_estimator must be one of"):
+        get_strategy("fedsmoothlora", rank=2, ga_estimator="exact")
+    strat = strategy_from_options("fedsmoothlora", FederatedArguments(ga_estimator="dense", lora_r=3).strategy_options())
+    assert strat.gradient_request() == {"rank": 6, "estimator": "dense"}
+    assert strategy_from_options("fedsmoothlora", FederatedArguments().strategy_options()).gradient_request() == {
+        "rank": 2 * FederatedArguments().lora_r, "estimator": "sketch"}
+
+
+def test_client_start_from_sketches_matches_the_dense_start():
+    """The strategy takes estimates: dense ones give exactly the tensor path, sketches the same energy."""
+    from fedsmooth_hf.strategies import get_strategy
+
+    shapes = {"a": (192, 256), "b": (256, 160)}
+    streams = {n: _decaying_stream(*s, seed=20 + i) for i, (n, s) in enumerate(shapes.items())}
+    dense = {n: _dense_of(st) for n, st in streams.items()}
+    tests = TestMatrices(0)
+    sketches = {n: _stream_into(SketchedGradient(*shapes[n], *sketch_sizes(Q, *shapes[n]), tests), st)
+                for n, st in streams.items()}
+    starts = {}
+    for label, grads in [("tensor", dense), ("dense", {n: DenseGradient(g) for n, g in dense.items()}),
+                         ("sketch", sketches)]:
+        strat = get_strategy("fedsmoothlora", rank=R)
+        strat.setup({n: (torch.zeros(s[0], R), torch.zeros(R, s[1])) for n, s in shapes.items()})
+        starts[label] = strat.client_start(0, grads)
+    for n, G in dense.items():
+        B_t, A_t = starts["tensor"].offsets[n]
+        B_d, A_d = starts["dense"].offsets[n]
+        assert torch.equal(B_t, B_d) and torch.equal(A_t, A_d)
+        # sketched GA factors: same scale, and >= 0.95 of the exact factors' gradient energy
+        B_s, A_s = starts["sketch"].offsets[n]
+        torch.testing.assert_close(B_s.norm(), B_t.norm(), rtol=1e-4, atol=0)
+        kk = G.shape[0] ** 0.25 / 8.0
+        U_s, V_s = -B_s / kk, A_s.T / kk  # offsets are (-B_ga, A_ga)
+        U_t, V_t = -B_t / kk, A_t.T / kk
+        energy = lambda U, V: float((U.T @ G).norm() ** 2 + (G @ V).norm() ** 2)  # noqa: E731
+        assert energy(U_s, V_s) >= 0.95 * energy(U_t, V_t)
