@@ -160,13 +160,24 @@ class FrozenOffset:
         self.B = B.detach().to(device=ref.device, dtype=torch.float32)
         self.A = A.detach().to(device=ref.device, dtype=torch.float32)
         self.scale = float(scale)
+        self._cast: dict = {}  # (dtype, device) -> (A, (s B)^T): cast and scaled once, not every step
         self._handle = layer.register_forward_hook(self._hook)
 
+    def _factors(self, dtype, device):
+        key = (dtype, device)
+        if key not in self._cast:
+            A = self.A.to(dtype=dtype, device=device)
+            Bt = (self.scale * self.B).T.contiguous().to(dtype=dtype, device=device)
+            self._cast[key] = (A, Bt)
+        return self._cast[key]
+
     def _hook(self, module, args, output):
+        # output + s (x A^T) B^T as one fused addmm: the offset costs two thin matmuls and nothing else
         x = args[0]
-        A = self.A.to(dtype=x.dtype, device=x.device)
-        B = self.B.to(dtype=x.dtype, device=x.device)
-        return output + (self.scale * F.linear(F.linear(x, A), B)).to(output.dtype)
+        A, Bt = self._factors(x.dtype, x.device)
+        h = F.linear(x, A).reshape(-1, A.shape[0])
+        out = output.reshape(-1, output.shape[-1])
+        return torch.addmm(out, h.to(out.dtype), Bt.to(out.dtype)).view(output.shape)
 
     def remove(self) -> None:
         self._handle.remove()
