@@ -130,6 +130,43 @@ def _ga_start(model, layers, batches, strategy):
     return est, {"gradient_pass_s": t1 - t0, "client_start_s": t2 - t1, "total_s": t2 - t0}
 
 
+class PeakHeap:
+    """Peak of the bytes malloc has handed out and not taken back (glibc ``mallinfo2``: ``uordblks +
+    hblkhd``), sampled every 5 ms. Unlike RSS it does not count freed memory the heap keeps."""
+
+    def __init__(self):
+        import ctypes
+        import threading
+
+        class _Info(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                        "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+        self._libc = ctypes.CDLL("libc.so.6")
+        self._libc.mallinfo2.restype = _Info
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.start = self.peak = self.live()
+
+    def live(self) -> int:
+        info = self._libc.mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.live())
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.live())
+
+
 def _measured(fn):
     """(result, seconds, peak RSS rise in bytes over the RSS at the start)."""
     gc.collect()
@@ -243,21 +280,25 @@ def rss_child(kind: str, which: str, rank: int, ga_samples: int, batch: int, seq
         strategy = get_strategy("fedsmoothlora", rank=rank, ga_estimator=which)
         strategy.setup(get_lora_factors(layers))
         run = lambda: _ga_start(model, layers, batches, strategy)  # noqa: E731
-    _, sec, peak = _measured(run)
-    return {"which": which, "peak_rss_rise_bytes": peak, "seconds": sec}
+    gc.collect()
+    with PeakHeap() as heap:
+        _, sec, peak = _measured(run)
+    return {"which": which, "peak_rss_rise_bytes": peak, "peak_heap_rise_bytes": heap.peak - heap.start,
+            "seconds": sec}
 
 
 def rss_rise(kind: str, rank: int, ga_samples: int, batch: int, seq_len: int, threads: int) -> dict:
-    """Peak RSS rise of each pass, each in its own fresh process (same imports, model and batches)."""
-    out = {}
+    """Peak RSS and live-heap rise of each pass, each in its own fresh process (same imports, model, batches)."""
+    out, heap = {}, {}
     for which in ("plain_fwd_bwd", "sketch", "dense"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", which, "--threads", str(threads)]
         if kind == "tiny-llama":
             cmd.append("--smoke")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-        out[which] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_rise_bytes"]
-    return out
+        child = json.loads(done.stdout.strip().splitlines()[-1])
+        out[which], heap[which] = child["peak_rss_rise_bytes"], child["peak_heap_rise_bytes"]
+    return out, heap
 
 
 # ---------------------------------------------------------------------- LLaMA-7B shapes, synthetic gradients
@@ -462,10 +503,13 @@ def main(argv=None) -> dict:
     print(f"[ga_cost] {kind}: GA start sketch vs dense vs plain fwd+bwd ({repeats} alternating repeats)", flush=True)
     model = model_part(kind, rank, ga_samples, batch, seq_len, repeats)
     print("[ga_cost] peak RSS of each pass, one fresh process each", flush=True)
-    rss = rss_rise(kind, rank, ga_samples, batch, seq_len, a.threads)
+    rss, heap = rss_rise(kind, rank, ga_samples, batch, seq_len, a.threads)
     extra = {k: max(0, rss[k] - rss["plain_fwd_bwd"]) for k in ("sketch", "dense")}
+    extra_heap = {k: max(0, heap[k] - heap["plain_fwd_bwd"]) for k in ("sketch", "dense")}
+    dense_bytes = model["memory"]["dense_fp32_gradients_bytes"]
     model["memory"].update(peak_rss_rise_bytes=rss, extra_rss_over_fwd_bwd_bytes=extra,
-                           fraction_rss=extra["sketch"] / model["memory"]["dense_fp32_gradients_bytes"])
+                           fraction_rss=extra["sketch"] / dense_bytes, peak_heap_rise_bytes=heap,
+                           extra_heap_over_fwd_bwd_bytes=extra_heap, fraction_heap=extra_heap["sketch"] / dense_bytes)
     print(f"[ga_cost] client rounds: FedIT vs FedSmoothLoRA ({clients} clients x {a.rounds} round(s))", flush=True)
     rounds = client_rounds(kind, rank, ga_samples, local_steps, batch, seq_len, clients, a.rounds)
     print("[ga_cost] synthetic gradients at " + ", ".join(f"{o}x{i}" for o, i in shapes), flush=True)

@@ -93,7 +93,10 @@ class _GradientAccumulator:
                 # Nothing upstream is trainable (we froze every parameter): make the output a
                 # leaf so the loss still back-propagates to it, and through it to later layers.
                 output = output.detach().requires_grad_(True)
-            output.register_hook(lambda g, x=x: self._accumulate(name, x, g))
+            # the hook lives as long as the autograd graph: hand x over and drop it when used, so
+            # each layer's input is freed during backward as autograd frees its saved tensors
+            held = [x]
+            output.register_hook(lambda g, held=held: self._accumulate(name, held.pop(), g))
             return output
 
         return hook
