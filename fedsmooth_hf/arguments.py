@@ -69,7 +69,7 @@ class FederatedArguments:
     ga_estimator: str = field(
         default="sketch",
         metadata={"help": f"FedSmoothLoRA only: how the top-2r gradient subspace is found, one of {GA_ESTIMATORS}. "
-                          "'sketch': streaming randomized sketches (memory ~(d_in + d_out)(2r + 16) x 3 per layer, "
+                          "'sketch': streaming randomized sketches (d_out (2r + 8) + d_in (2r + 24) floats per layer, "
                           "never the dense gradient); 'dense': every layer's dense gradient and its SVD (published)."},
     )
     round_lr_schedule: str = field(
