@@ -406,7 +406,7 @@ def run_one(task, options: dict, seed: int) -> dict:
         "rounds": rounds,
         "client_traces": recorder.traces,
         "wall_s": wall,
-        "ga_time_s": sum(r.get("ga_time_s", 0.0) for r in history),
+        "strategy_overhead_s": sum(r.get("strategy_overhead_s", 0.0) for r in history),
         "local_train_time_s": sum(r.get("local_train_time_s", 0.0) for r in history),
         "task_info": info,
     }

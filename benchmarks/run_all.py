@@ -5,8 +5,8 @@
     python benchmarks/run_all.py             # full sizes (aggregation at LLaMA-7B shapes, SmolLM2 overhead)
 
 Each part measures ours and its baseline side by side and writes its own JSON and PNG:
-aggregation (factored vs dense SVD), overhead (federated vs a plain Trainer), ga_cost (Gradient-
-Aligned estimate vs local training), communication (upload bytes per strategy vs the model) and
+aggregation (factored vs dense SVD), overhead (federated vs a plain Trainer), ga_cost (the Gradient-
+Aligned start, sketched vs dense, vs a plain forward+backward and FedIT client rounds), communication (upload bytes per strategy vs the model) and
 memory (peak RSS vs number of clients). Convergence results (``convergence.py``, far longer) are
 not re-run here; their headline figures are added to the summary when their JSON is present.
 """
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks import aggregation, overhead, systems  # noqa: E402
+from benchmarks import aggregation, ga_cost, overhead, systems  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
@@ -77,9 +77,9 @@ def summarize(results: dict, timings: dict, mode: str) -> dict:
         "aggregation": [{"shape": r["shape"], "speedup": r["speedup"], "ours_s": r["ours_s"], "dense_s": r["dense_s"],
                          "error_ratio": r["err_ratio"], "optimal": r["optimal"]} for r in agg["results"]],
         "overhead": {"ratio_fedit": ovh["ratio_fedit"], "ratio_fedsmoothlora": ovh["ratio_fedsmoothlora"],
-                     "ga_share_of_local_training": ovh["ga_share_of_local_training"],
+                     "strategy_overhead_share_of_local_training": ovh["strategy_overhead_share_of_local_training"],
                      "total_steps": ovh["settings"]["total_steps"], "model": ovh["settings"]["model"]},
-        "ga_cost": {str(r["ga_samples"]): r["ratio"] for r in ga["rows"]},
+        "ga_cost": ga["headline"],
         "ga_cost_settings": ga["settings"],
         "communication": {name: {"upload_bytes": r["upload_bytes"], "expected_bytes": r["expected_bytes"],
                                  "needed_bytes": r["needed_bytes"], "ratio_to_model": r["ratio_to_model"]}
@@ -108,10 +108,16 @@ def to_markdown(s: dict) -> str:
     o = s["overhead"]
     lines.append(f"| overhead ({o['model']}, {o['total_steps']} steps) | wall time vs plain Trainer | FedIT "
                  f"**{o['ratio_fedit']:.2f}x**, FedSmoothLoRA **{o['ratio_fedsmoothlora']:.2f}x** |")
-    gs = s["ga_cost_settings"]
-    for n, ratio in s["ga_cost"].items():
-        lines.append(f"| GA cost, ga_samples={n} | GA time / local training per client round ({gs['local_steps']} "
-                     f"steps x batch {gs['batch']}) | **{ratio:.2f}x** |")
+    gs, g = s["ga_cost_settings"], s["ga_cost"]
+    lines.append(f"| GA start ({gs['model']}, ga_samples={gs['ga_samples']}) | time vs one plain forward+backward "
+                 f"over the same samples | sketch **{g['ga_start_sketch_vs_fwd_bwd']:.2f}x**, dense "
+                 f"{g['ga_start_dense_vs_fwd_bwd']:.2f}x |")
+    lines.append(f"| FedSmoothLoRA client round ({gs['local_steps']} steps x batch {gs['batch']}) | time vs FedIT's | "
+                 f"sketch **{g['client_round_sketch_vs_fedit']:.2f}x**, dense {g['client_round_dense_vs_fedit']:.2f}x |")
+    lines.append(f"| GA estimate memory | sketches / dense fp32 gradients (own accounting; extra peak RSS) | "
+                 f"**{100 * g['memory_fraction_accounted']:.1f}%** ({100 * g['memory_fraction_rss']:.1f}%) |")
+    lines.append(f"| GA accuracy | gradient energy of the sketched GA factors vs exact (mean / min over layers) | "
+                 f"**{g['functional_mean']:.3f}** / {g['functional_min']:.3f} |")
     full = s["communication_model_bytes"]
     for name, r in s["communication"].items():
         lines.append(f"| upload, {name} | bytes per client per round (expected r(d_in+d_out)x4 per module: "
@@ -150,7 +156,7 @@ def main(argv=None) -> dict:
     t_all = time.perf_counter()
     parts = [("aggregation", lambda: aggregation.main(args["aggregation"])),
              ("overhead", lambda: overhead.main(args["overhead"])),
-             ("ga_cost", lambda: systems.ga_cost(out, smoke=a.smoke)),
+             ("ga_cost", lambda: ga_cost.main((["--smoke"] if name != "full" else []) + ["--out-dir", str(out)])),
              ("communication", lambda: systems.communication(out, smoke=a.smoke)),
              ("memory", lambda: systems.memory(out, smoke=a.smoke))]
     for part, run in parts:

@@ -1,14 +1,13 @@
 """Systems costs of federated LoRA, measured side by side in one run (used by ``run_all.py``).
 
-* ``ga_cost``: FedSmoothLoRA's Gradient-Aligned estimate (gradient pass + SVDs) per client round,
-  as a ratio to that client round's local training time, for several ``ga_samples``.
+(The Gradient-Aligned start's cost, sketched vs dense, has its own script: ``ga_cost.py``.)
 * ``communication``: bytes each client uploads per round, per strategy, measured on the real
   uploads (the strategy's ``client_upload`` is wrapped), vs the analytic ``r (d_in + d_out) 4``
   per module and vs the full model size; plus the analytic figures for SmolLM2-135M.
 * ``memory``: peak RSS of a whole federated run vs the number of clients, each K in a fresh
   subprocess, so one K's allocations cannot hide another's.
 
-    python benchmarks/systems.py ga_cost|communication|memory [--smoke]
+    python benchmarks/systems.py communication|memory [--smoke]
 """
 
 from __future__ import annotations
@@ -70,37 +69,6 @@ def _plot_bars(labels, values, ylabel: str, title: str, path: Path, annotate=Non
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-# ---------------------------------------------------------------------- Gradient-Aligned cost
-def ga_cost(out_dir: Path, smoke: bool = False) -> dict:
-    """GA estimate time / local training time per client round, for each ga_samples, same local round."""
-    sample_sizes = [8, 32] if smoke else [32, 128, 512]
-    clients, rounds, local_steps, batch, rank = 2, (1 if smoke else 2), 10, 8, 8
-    data = build_data(clients * max(sample_sizes), VOCAB, 48)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in sample_sizes:
-            trainer = _federated("fedsmoothlora", clients, rounds, local_steps, batch, rank, n, data, tmp)
-            trainer.train()
-            history = trainer.round_history
-            ga = sum(r["ga_time_s"] for r in history)
-            local = sum(r["local_train_time_s"] for r in history)
-            rows.append({"ga_samples": n, "client_rounds": clients * rounds, "ga_time_s": ga,
-                         "local_train_time_s": local, "ratio": ga / local})
-            print(f"[ga_cost] ga_samples={n:>4}: GA {ga / (clients * rounds):.3f} s per client round, "
-                  f"{ga / local:.3f} x local training ({local_steps} steps x batch {batch})", flush=True)
-    result = {"benchmark": "ga_cost", "machine": machine(),
-              "settings": {"model": TINY, "clients": clients, "rounds": rounds, "local_steps": local_steps,
-                           "batch": batch, "ga_batch_size": batch, "rank": rank, "seq_len": 48},
-              "rows": rows}
-    _write(out_dir, "ga_cost", result)
-    _plot_bars([str(r["ga_samples"]) for r in rows], [r["ratio"] for r in rows],
-               "GA time / local training time",
-               f"Gradient-Aligned estimate per client round vs local training\n({TINY}, {local_steps} steps x "
-               f"batch {batch}; x-axis: ga_samples)", out_dir / "ga_cost.png",
-               [f"{r['ratio']:.2f}x" for r in rows])
-    return result
 
 
 # ---------------------------------------------------------------------- communication
@@ -251,7 +219,7 @@ def _write(out_dir: Path, name: str, result: dict) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["ga_cost", "communication", "memory", "memory-child"])
+    p.add_argument("what", choices=["communication", "memory", "memory-child"])
     p.add_argument("--smoke", action="store_true", help="the smallest sizes (CI)")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--clients", type=int, default=2, help="memory-child only")
@@ -261,7 +229,7 @@ def main(argv=None):
     if a.what == "memory-child":
         print(json.dumps(memory_child(a.clients, a.rounds, a.strategy)))
         return
-    {"ga_cost": ga_cost, "communication": communication, "memory": memory}[a.what](Path(a.out_dir), a.smoke)
+    {"communication": communication, "memory": memory}[a.what](Path(a.out_dir), a.smoke)
 
 
 if __name__ == "__main__":

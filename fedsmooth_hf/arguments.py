@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .gradients import GA_ESTIMATORS
 from .partition import PARTITION_METHODS
 from .strategies import available_strategies
 from .strategies.fedsmoothlora import STALE_ROUND_MATCHING, ZETA_MODES
@@ -77,6 +78,12 @@ class FederatedArguments:
         metadata={"help": "FedSmoothLoRA only: Gradient-Aligned client starts. False is an ablation: plain LoRA "
                           "init in round 0, Round-Matching only afterwards, no gradient estimation."},
     )
+    ga_estimator: str = field(
+        default="sketch",
+        metadata={"help": f"FedSmoothLoRA only: how the top-2r gradient subspace is found, one of {GA_ESTIMATORS}. "
+                          "'sketch': streaming randomized sketches (d_out (2r + 8) + d_in (2r + 24) floats per layer, "
+                          "never the dense gradient); 'dense': every layer's dense gradient and its SVD (published)."},
+    )
     round_lr_schedule: str = field(
         default="constant",
         metadata={"help": f"Learning rate across rounds: one of {ROUND_LR_SCHEDULES} (cosine decays to round_min_lr)."},
@@ -128,6 +135,8 @@ class FederatedArguments:
             bad("ga_samples", f"strategy '{self.strategy}' estimates gradients and needs ga_samples >= 1")
         if self.gamma <= 0:
             bad("gamma", "must be > 0")
+        if self.ga_estimator not in GA_ESTIMATORS:
+            bad("ga_estimator", f"must be one of {GA_ESTIMATORS}")
         if self.zeta_mode not in ZETA_MODES:
             bad("zeta_mode", f"must be one of {ZETA_MODES}")
         if self.stale_round_matching not in STALE_ROUND_MATCHING:
@@ -165,6 +174,7 @@ class FederatedArguments:
             "zeta_mode": self.zeta_mode,
             "min_zeta": self.min_zeta,
             "ga_init": self.ga_init,
+            "ga_estimator": self.ga_estimator,
         }
 
     def to_dict(self) -> dict:

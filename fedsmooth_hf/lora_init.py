@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lowrank import dense_top_svd, truncated_svd
+from .lowrank import truncated_svd
+from .sketch import DenseGradient
 
 __all__ = [
     "gradient_aligned_factors",
@@ -42,7 +43,7 @@ __all__ = [
 Factors = tuple[torch.Tensor, torch.Tensor]
 
 
-def gradient_aligned_factors(grad: torch.Tensor, rank: int, gamma: float) -> Factors:
+def gradient_aligned_factors(grad, rank: int, gamma: float) -> Factors:
     """LoRA-GA factors with the paper's stable scale (no singular values used).
 
     With ``G = U S V^T``: ``A = k V[:, :r]^T``, ``B = k U[:, r:2r]``,
@@ -50,9 +51,17 @@ def gradient_aligned_factors(grad: torch.Tensor, rank: int, gamma: float) -> Fac
     first LoRA step moves the weight along the top-``2r`` gradient directions.
     (PEFT's ``init_lora_weights="lora_ga"`` scales B by ``S[r:2r]`` instead; that is
     a different matrix and is not used here.)
+
+    ``grad`` is the dense ``G`` (a tensor: its exact top singular vectors are used) or
+    any estimate of it with ``.shape`` and ``.top_singular(q) -> (U, S, V)``
+    (``sketch.DenseGradient``, ``sketch.SketchedGradient``).
     """
-    if grad.dim() != 2:
-        raise ValueError(f"gradient_aligned_factors: grad must be 2-D, got shape {tuple(grad.shape)}")
+    if isinstance(grad, torch.Tensor):
+        if grad.dim() != 2:
+            raise ValueError(f"gradient_aligned_factors: grad must be 2-D, got shape {tuple(grad.shape)}")
+        if not torch.isfinite(grad).all():
+            raise ValueError("gradient_aligned_factors: the gradient contains NaN or Inf")
+        grad = DenseGradient(grad)
     if gamma <= 0:
         raise ValueError(f"gradient_aligned_factors: gamma must be > 0, got {gamma}")
     d_out, d_in = grad.shape
@@ -61,9 +70,7 @@ def gradient_aligned_factors(grad: torch.Tensor, rank: int, gamma: float) -> Fac
             f"lora_r={rank} is too large for a {d_out}x{d_in} layer: the Gradient-Aligned init needs "
             f"2 * lora_r <= min(d_out, d_in) = {min(d_out, d_in)}"
         )
-    if not torch.isfinite(grad).all():
-        raise ValueError("gradient_aligned_factors: the gradient contains NaN or Inf")
-    U, _, V = dense_top_svd(grad, 2 * rank)
+    U, _, V = grad.top_singular(2 * rank)
     k = d_out**0.25 / math.sqrt(gamma)
     A = k * V[:, :rank].T.contiguous()
     B = k * U[:, rank : 2 * rank].contiguous()
@@ -71,10 +78,11 @@ def gradient_aligned_factors(grad: torch.Tensor, rank: int, gamma: float) -> Fac
 
 
 def client_init_factors(
-    grad: torch.Tensor, rank: int, gamma: float, round_matching: Factors | None = None
+    grad, rank: int, gamma: float, round_matching: Factors | None = None
 ) -> tuple[Factors, Factors]:
     """FedSmoothLoRA client start for one layer: ``(lora (B, A), gradient-aligned (B_ga, A_ga))``.
 
+    ``grad`` is ``G`` or an estimate of it (see :func:`gradient_aligned_factors`).
     ``round_matching`` is ``W_rm`` in factored form (any inner rank, e.g. ``2r``), or
     ``None`` in round 0. The LoRA factors are ``SVD_r(B_ga A_ga + W_rm)``, exact in
     factored form; the caller offsets the frozen weight by ``- s * B_ga A_ga``.
@@ -152,13 +160,24 @@ class FrozenOffset:
         self.B = B.detach().to(device=ref.device, dtype=torch.float32)
         self.A = A.detach().to(device=ref.device, dtype=torch.float32)
         self.scale = float(scale)
+        self._cast: dict = {}  # (dtype, device) -> (A, (s B)^T): cast and scaled once, not every step
         self._handle = layer.register_forward_hook(self._hook)
 
+    def _factors(self, dtype, device):
+        key = (dtype, device)
+        if key not in self._cast:
+            A = self.A.to(dtype=dtype, device=device)
+            Bt = (self.scale * self.B).T.contiguous().to(dtype=dtype, device=device)
+            self._cast[key] = (A, Bt)
+        return self._cast[key]
+
     def _hook(self, module, args, output):
+        # output + s (x A^T) B^T as one fused addmm: the offset costs two thin matmuls and nothing else
         x = args[0]
-        A = self.A.to(dtype=x.dtype, device=x.device)
-        B = self.B.to(dtype=x.dtype, device=x.device)
-        return output + (self.scale * F.linear(F.linear(x, A), B)).to(output.dtype)
+        A, Bt = self._factors(x.dtype, x.device)
+        h = F.linear(x, A).reshape(-1, A.shape[0])
+        out = output.reshape(-1, output.shape[-1])
+        return torch.addmm(out, h.to(out.dtype), Bt.to(out.dtype)).view(output.shape)
 
     def remove(self) -> None:
         self._handle.remove()

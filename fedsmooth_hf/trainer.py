@@ -40,7 +40,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .distributed import all_gather_objects, gathered, is_zero3, single_process_view, world
-from .gradients import estimate_weight_gradients
+from .gradients import estimate_gradient_subspaces
 from .lora_init import (
     apply_client_start,
     clear_offsets,
@@ -378,19 +378,21 @@ class FederatedTrainer(Trainer):
         for batch in loader:
             yield self._prepare_inputs(batch)
 
-    def _estimate_gradients(self, client: int, seed: int, point) -> dict[str, torch.Tensor]:
-        """dL/dW of every adapted layer at the global model shifted by ``s * point`` (if any)."""
+    def _estimate_gradients(self, client: int, seed: int, point) -> dict:
+        """dL/dW of every adapted layer at the global model shifted by ``s * point`` (if any),
+        as the per-layer estimates the strategy asked for (``strategy.gradient_request()``)."""
         self._load_global_adapter()
         if point is not None:
             set_offsets(self.layers, point, ADAPTER)
         reduce_fn = (lambda g: self.accelerator.reduce(g, "mean")) if self.args.world_size > 1 else None
         try:
-            return estimate_weight_gradients(
+            return estimate_gradient_subspaces(
                 self.model,
                 self.layers,
                 self._calibration_batches(client, seed),
                 loss_fn=lambda m, b: self.compute_loss(m, b),
                 reduce_fn=reduce_fn,
+                **self.strategy.gradient_request(),
             )
         finally:
             clear_offsets(self.layers)
@@ -475,16 +477,16 @@ class FederatedTrainer(Trainer):
         seed = _client_round_seed(self.args.seed, round_idx, client)
         set_seed(seed)
         grads = None
+        # strategy_overhead_s: everything the strategy adds to a plain local round (gradient
+        # pass, subspace reconstruction / SVDs, client start, upload truncation), one timer.
+        t_start = time.perf_counter()
         with self._gathered(modify=True):
             if self.strategy.needs_gradient:
-                t0 = time.perf_counter()
                 grads = self._estimate_gradients(client, seed, self.strategy.gradient_point(client))
-                ga_time = time.perf_counter() - t0
-            else:
-                ga_time = 0.0
             start = self.strategy.client_start(client, grads)
             del grads
             apply_client_start(self.layers, start.lora, start.offsets, start.train_A, start.train_B, ADAPTER)
+        overhead = time.perf_counter() - t_start
         self.train_dataset = self.client_datasets[client]
         set_seed(seed)  # data order and dropout of this local round
         t0 = time.perf_counter()
@@ -506,13 +508,16 @@ class FederatedTrainer(Trainer):
         bad = first_non_finite(extras)
         if bad is not None:
             raise ClientTrainingError(round_idx + 1, client, f"non-finite values in '{bad}'")
+        train_time = time.perf_counter() - t0
+        t_upload = time.perf_counter()
         upload = self.strategy.client_upload(client, trained)
+        overhead += time.perf_counter() - t_upload
         return {
             "upload": upload,
             "extras": extras,
             "train_loss": float(out.training_loss),
-            "train_time_s": time.perf_counter() - t0,
-            "ga_time_s": ga_time,
+            "train_time_s": train_time,
+            "strategy_overhead_s": overhead,
             "first_loss": self._first_logged_loss(),
         }
 
@@ -620,7 +625,7 @@ class FederatedTrainer(Trainer):
             n = len(self.client_datasets[client])
             weights[client] = float(n)
             losses[client] = result["train_loss"]
-            info[client] = {k: result[k] for k in ("train_time_s", "ga_time_s", "first_loss")}
+            info[client] = {k: result[k] for k in ("train_time_s", "strategy_overhead_s", "first_loss")}
             for k, v in result["extras"].items():
                 extra_sum[k] = extra_sum.get(k, 0) + n * v
         if not uploads:
@@ -636,7 +641,7 @@ class FederatedTrainer(Trainer):
             "train_loss": float(sum(weights[c] * losses[c] for c in losses) / total),
             "client_train_loss": {str(c): v for c, v in losses.items()},
             "client_first_loss": {str(c): info[c]["first_loss"] for c in info},
-            "ga_time_s": float(sum(i["ga_time_s"] for i in info.values())),
+            "strategy_overhead_s": float(sum(i["strategy_overhead_s"] for i in info.values())),
             "local_train_time_s": float(sum(i["train_time_s"] for i in info.values())),
             "merge_norm": float(
                 math.sqrt(sum(factored_norm([B], [A]) ** 2 for B, A in update.merge.values()))
@@ -696,7 +701,7 @@ class FederatedTrainer(Trainer):
             metrics = {"failed": result.reason}
         else:
             metrics = {"train_loss": result["train_loss"],
-                       **{k: result[k] for k in ("train_time_s", "ga_time_s", "first_loss")}}
+                       **{k: result[k] for k in ("train_time_s", "strategy_overhead_s", "first_loss")}}
         self._fire("on_client_end", round=number, client=client, metrics=metrics)
 
     def _evaluate_round(self, number: int, ignore_keys_for_eval, record: bool) -> dict:

@@ -69,14 +69,14 @@ def install_kill_point(trainer: FederatedTrainer, point: str, marker: Path) -> N
     second_client = trainer.sample_clients(KILL_ROUND - 1)[1]
 
     if point == "gradient_estimation":
-        inner = trainer_module.estimate_weight_gradients
+        inner = trainer_module.estimate_gradient_subspaces
 
         def estimate(*args, **kwargs):
             if trainer._round_ctx == (KILL_ROUND, second_client):
                 die()
             return inner(*args, **kwargs)
 
-        trainer_module.estimate_weight_gradients = estimate
+        trainer_module.estimate_gradient_subspaces = estimate
     elif point == "client_training":
 
         class KillInLocalLoop(TrainerCallback):

@@ -193,7 +193,7 @@ class ClientNode:
             upload = factors_to_arrays("lora", result["upload"])
             upload.update(tensors_to_arrays("extra", result["extras"]))
             metrics.update(num_examples=self.num_examples, train_loss=result["train_loss"],
-                           ga_time_s=result["ga_time_s"], train_time_s=time.perf_counter() - t0)
+                           strategy_overhead_s=result["strategy_overhead_s"], train_time_s=time.perf_counter() - t0)
         self._persist()
         return metrics, upload
 

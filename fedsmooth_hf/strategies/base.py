@@ -6,7 +6,8 @@ A strategy is pure math over per-module LoRA factors; it knows nothing about
     strategy.begin_round(round_idx)
     for client in sampled:
         point = strategy.gradient_point(client)        # only if strategy.needs_gradient
-        grads = <estimate dL/dW at W + s * point>       # trainer + gradients.py
+        grads = <estimates of dL/dW at W + s * point,   # trainer + gradients.py, sized by
+                 one per layer>                         #   strategy.gradient_request()
         start = strategy.client_start(client, grads)    # LoRA init, frozen offset, what trains
         trained = <local Trainer steps>                 # trainer
         upload = strategy.client_upload(client, trained)
@@ -192,7 +193,14 @@ class FederatedStrategy:
         """Low-rank offset (LoRA units) added to the global model where the client's gradient is taken; None = none."""
         return None
 
-    def client_start(self, client: int, grads: Mapping[str, torch.Tensor] | None = None) -> ClientStart:
+    def gradient_request(self) -> dict:
+        """How :meth:`client_start` wants the gradients estimated (keywords of
+        ``gradients.estimate_gradient_subspaces``: ``rank``, ``estimator``)."""
+        return {"estimator": "dense"}
+
+    def client_start(self, client: int, grads: Mapping[str, object] | None = None) -> ClientStart:
+        """The client's starting point. ``grads``: per layer, the dense gradient or an estimate
+        of it with ``.shape`` and ``.top_singular(q)`` (only when :attr:`needs_gradient`)."""
         raise NotImplementedError
 
     def client_upload(self, client: int, trained: Mapping[str, Factors]) -> ModuleFactors:
@@ -278,7 +286,7 @@ class GlobalAdapterStrategy(FederatedStrategy):
         super().setup(init_lora)
         self._global: ModuleFactors = {n: (B.clone(), A.clone()) for n, (B, A) in self.init_lora.items()}
 
-    def client_start(self, client: int, grads: Mapping[str, torch.Tensor] | None = None) -> ClientStart:
+    def client_start(self, client: int, grads: Mapping[str, object] | None = None) -> ClientStart:
         return ClientStart(lora=self._global)
 
     def global_lora(self) -> ModuleFactors:

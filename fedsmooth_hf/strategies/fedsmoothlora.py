@@ -31,6 +31,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..gradients import GA_ESTIMATORS
 from ..lora_init import client_init_factors
 from ..lowrank import factored_norm, stack_factors, truncated_svd
 from .base import (
@@ -102,6 +103,9 @@ class FedSmoothLoRA(FederatedStrategy):
         ga_init: ``False`` is an ablation (the paper's "w/o GA"): no gradient is estimated; a
             client starts from PEFT's plain LoRA init in round 0 and from ``SVD_r(W_rm)``
             afterwards (Round-Matching only), with no frozen offset.
+        ga_estimator: how the top-``2r`` gradient subspace is found: ``"sketch"`` (streaming
+            randomized sketches, memory ``O((d_in + d_out) r)`` per layer, see ``sketch.py``) or
+            ``"dense"`` (the dense gradient of every layer and its SVD, as published).
     """
 
     name = "fedsmoothlora"
@@ -119,8 +123,11 @@ class FedSmoothLoRA(FederatedStrategy):
         iid_data: bool | None = None,
         stale_round_matching: str = "continuity",
         exact_round_matching: bool = False,
+        ga_estimator: str = "sketch",
     ):
         super().__init__(rank, num_rounds)
+        if ga_estimator not in GA_ESTIMATORS:
+            raise ValueError(f"ga_estimator must be one of {GA_ESTIMATORS}, got '{ga_estimator}'")
         if gamma <= 0:
             raise ValueError(f"gamma must be > 0, got {gamma}")
         if stale_round_matching not in STALE_ROUND_MATCHING:
@@ -137,6 +144,7 @@ class FedSmoothLoRA(FederatedStrategy):
         self.exact_round_matching = bool(exact_round_matching)
         self.min_zeta = float(min_zeta)
         self.ga_init = bool(ga_init)
+        self.ga_estimator = ga_estimator
         self.needs_gradient = self.ga_init  # the trainer skips the gradient pass when False
         self._client_uploads: dict[int, ModuleFactors] = {}
         self._upload_round: dict[int, int | None] = {}  # round of each client's last upload (None: unknown)
@@ -198,7 +206,12 @@ class FedSmoothLoRA(FederatedStrategy):
     def gradient_point(self, client: int) -> ModuleFactors | None:
         return self.round_matching(client)
 
-    def client_start(self, client: int, grads: Mapping[str, torch.Tensor] | None = None) -> ClientStart:
+    def gradient_request(self) -> dict:
+        """The GA factors need the top ``2r`` singular directions of each layer's gradient."""
+        return {"rank": 2 * self.rank, "estimator": self.ga_estimator}
+
+    def client_start(self, client: int, grads: Mapping[str, object] | None = None) -> ClientStart:
+        """``grads``: per layer ``G`` or an estimate of it (``.top_singular``); see ``gradient_request``."""
         if not self.ga_init:
             return self._round_matching_only_start(client)
         if grads is None:
@@ -319,4 +332,5 @@ class FedSmoothLoRA(FederatedStrategy):
             "ga_init": self.ga_init,
             "stale_round_matching": self.stale_round_matching,
             "exact_round_matching": self.exact_round_matching,
+            "ga_estimator": self.ga_estimator,
         }
