@@ -126,7 +126,7 @@ def _ga_start(model, layers, batches, strategy):
     t1 = time.perf_counter()
     strategy.client_start(0, est)
     t2 = time.perf_counter()
-    strategy._ga.clear()
+    strategy._offsets.clear()  # no upload follows: drop the client's pending offsets
     return est, {"gradient_pass_s": t1 - t0, "client_start_s": t2 - t1, "total_s": t2 - t0}
 
 
