@@ -79,4 +79,6 @@ def test_simulation_matches_in_process_trainer(tmp_path, model_dir, strategy, mo
         from safetensors.torch import load_file
 
         state = load_file(str(tmp_path / "clients" / "partition-2" / "strategy.safetensors"))
-        assert any(k.startswith("client2/") for k in state) and not any(k.startswith("client1/") for k in state)
+        owners = {k.split("/", 1)[0].split("@")[0] for k in state if k.startswith("client")}
+        assert owners == {"client2"}  # only its own upload (prefix client2@<round of the upload>)
+        assert any(k.startswith("client2@2/") for k in state)  # uploaded in round 3 (0-based 2)
