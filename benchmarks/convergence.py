@@ -17,6 +17,8 @@ Tasks (each reuses its recipe's data loading, model and defaults)::
     python benchmarks/convergence.py --task vit            # Fashion-MNIST, small digits-pretrained ViT
     python benchmarks/convergence.py --task vit-ablation   # FedSmoothLoRA variants, Dirichlet 0.1
     python benchmarks/convergence.py --task nlg            # SmolLM2-135M, WordNet definitions
+    python benchmarks/convergence.py --task nlg8           # the same over 8 rounds, 8 clients, 3 seeds
+    python benchmarks/convergence.py --task nlg8-ablation  # FedSmoothLoRA variants on nlg8
     python benchmarks/convergence.py --task tiny           # tiny ViT from scratch on sklearn digits (seconds)
     python benchmarks/convergence.py --task vit --quick    # few rounds, 2 strategies, 1 seed
 
@@ -73,6 +75,7 @@ TASKS = {
         "partitions": {"dirichlet0.1": {"partition": "dirichlet", "dirichlet_alpha": 0.1}},
         "seeds": 1,
         "metric": "eval_accuracy",
+        "reuses": "vit",
         # variant name -> FederatedArguments overrides of strategy fedsmoothlora
         "variants": {
             "full (zeta=1, gamma=64, ga_samples=32)": {},
@@ -141,6 +144,22 @@ TASKS = {
         "seeds": 3,
         "metric": "eval_loss",
     },
+    # Which part of FedSmoothLoRA helps on a pretrained LM? nlg8's settings; its fedit and default runs are reused.
+    "nlg8-ablation": {
+        "recipe": None,  # nlg8's
+        "partitions": None,
+        "seeds": 3,
+        "metric": "eval_loss",
+        "reuses": "nlg8",
+        "variants": {
+            "fedit": {"strategy": "fedit"},
+            "fedsmoothlora (defaults: zeta cosine 1->0)": {},
+            "no Round-Matching (zeta=0)": {"zeta": 0.0},
+            "no Gradient-Aligned (ga_init=False)": {"ga_init": False},
+            "zeta constant": {"zeta_mode": "constant"},
+            "exact_round_matching": {"exact_round_matching": "true"},
+        },
+    },
     "tiny": {
         "recipe": {"num_clients": 4, "clients_per_round": 4, "num_rounds": 2, "local_steps": 3,
                    "per_device_train_batch_size": 16, "per_device_eval_batch_size": 200,
@@ -150,6 +169,7 @@ TASKS = {
         "metric": "eval_accuracy",
     },
 }
+TASKS["nlg8-ablation"].update(recipe=TASKS["nlg8"]["recipe"], partitions=TASKS["nlg8"]["partitions"])
 DEVICE = "cpu"  # --device: where every run trains ("cuda" uses the first GPU)
 QUICK = {"num_rounds": 3, "strategies": ["fedit", "fedsmoothlora"], "seeds": 1}
 
@@ -568,14 +588,19 @@ def machine() -> dict:
 
 
 # ---------------------------------------------------------------------- main
-def same_runs_from_vit_sweep(path: Path, options: dict, partitions: dict, configs: dict, seeds: int) -> list[dict]:
-    """The ablation's default-settings variant is the main sweep's fedsmoothlora run: reuse it, not repeat it."""
+def runs_reused_from(path: Path, options: dict, partitions: dict, configs: dict, seeds: int) -> list[dict]:
+    """An ablation's default variant (and its FedIT, if listed) are the main sweep's runs: reuse them, not repeat them."""
     sweep = json.loads(path.read_text())
     if sweep["settings"]["recipe_options"] != options:
         return []
-    default = next((name for name, config in configs.items() if config == {"strategy": "fedsmoothlora"}), None)
-    return [{**r, "name": default, "reused_from": path.name} for r in sweep["runs"]
-            if default and r["name"] == "fedsmoothlora" and r["partition"] in partitions and r["seed"] < seeds]
+    names = {}
+    for name, config in configs.items():
+        if config == {"strategy": "fedsmoothlora"}:
+            names["fedsmoothlora"] = name
+        elif config == {"strategy": "fedit"}:
+            names["fedit"] = name
+    return [{**r, "name": names[r["name"]], "reused_from": path.name} for r in sweep["runs"]
+            if r["name"] in names and r["partition"] in partitions and r["seed"] < seeds]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -633,8 +658,9 @@ def main(argv: list[str] | None = None) -> dict:
     runs: list[dict] = []
     if a.report_only and not json_path.exists():
         raise SystemExit(f"--report-only: no results at {json_path} (run the sweep first)")
-    if "variants" in spec and (out_dir / "convergence_vit.json").exists():
-        runs += same_runs_from_vit_sweep(out_dir / "convergence_vit.json", options, partitions, configs, seeds)
+    parent = out_dir / f"convergence_{spec['reuses']}{'_cuda' if DEVICE == 'cuda' else ''}.json" if "reuses" in spec else None
+    if parent is not None and parent.exists():
+        runs += runs_reused_from(parent, options, partitions, configs, seeds)
     if (a.resume or a.report_only) and json_path.exists():
         old = json.loads(json_path.read_text())
         if old["settings"]["recipe_options"] == options:
