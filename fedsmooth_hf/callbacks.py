@@ -2,8 +2,9 @@
 
 A :class:`FederatedCallback` is an ordinary ``transformers.TrainerCallback`` (so
 ``on_log``, ``on_step_end`` ... keep firing inside every local round) with four
-more events the :class:`~fedsmooth_hf.FederatedTrainer` calls::
+more events the round loop (:mod:`fedsmooth_hf.rounds`) calls::
 
+    on_federation_begin(args, state, control, round)
     on_round_begin(args, state, control, round, clients)
     on_client_begin(args, state, control, round, client)
     on_client_end(args, state, control, round, client, metrics)
@@ -11,6 +12,15 @@ more events the :class:`~fedsmooth_hf.FederatedTrainer` calls::
 
 ``round`` counts from 1; ``on_round_end`` also fires for round 0, the evaluation before
 training (when an eval_dataset is given). ``metrics`` are plain dicts (``train_loss``, ``eval_loss``...).
+``on_federation_begin`` fires once before the first round a run executes (``round``: rounds
+already done, 0 unless resumed).
+
+Like ``transformers``' step events they steer the loop through ``control`` (a
+``TrainerControl``, returned or changed in place): ``should_evaluate``/``should_save`` set by
+``on_round_begin`` or ``on_client_end`` evaluate/checkpoint that round (set in
+``on_federation_begin``: evaluate before training), and ``should_training_stop`` set by any
+round event ends the federation after the current round. The schedule of
+``FederatedArguments.eval_rounds``/``save_rounds`` is :class:`FederatedFlowCallback`.
 """
 
 from __future__ import annotations
@@ -20,13 +30,17 @@ import math
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-__all__ = ["FederatedCallback", "FederatedProgressCallback", "RoundPrinterCallback", "ROUND_EVENTS"]
+__all__ = ["FederatedCallback", "FederatedFlowCallback", "FederatedProgressCallback", "RoundPrinterCallback",
+           "ROUND_EVENTS"]
 
-ROUND_EVENTS = ("on_round_begin", "on_client_begin", "on_client_end", "on_round_end")
+ROUND_EVENTS = ("on_federation_begin", "on_round_begin", "on_client_begin", "on_client_end", "on_round_end")
 
 
 class FederatedCallback(TrainerCallback):
     """Base class: override any of the round events (all default to doing nothing)."""
+
+    def on_federation_begin(self, args, state, control, round: int, **kwargs):
+        pass
 
     def on_round_begin(self, args, state, control, round: int, clients: list[int], **kwargs):
         pass
@@ -39,6 +53,31 @@ class FederatedCallback(TrainerCallback):
 
     def on_round_end(self, args, state, control, round: int, metrics: dict, **kwargs):
         pass
+
+
+class FederatedFlowCallback(FederatedCallback):
+    """The evaluation and checkpoint schedule of a federation (the rounds' ``DefaultFlowCallback``).
+
+    Evaluate before training and every ``eval_rounds`` rounds and after the last one (when
+    an eval dataset is given); checkpoint every ``save_rounds`` rounds and after the last one.
+    """
+
+    def __init__(self, fed_args):
+        self.fed_args = fed_args
+
+    def _evaluates(self, eval_dataset) -> bool:
+        return eval_dataset is not None and self.fed_args.eval_rounds > 0
+
+    def on_federation_begin(self, args, state, control, round, eval_dataset=None, **kwargs):
+        control.should_evaluate = round == 0 and self._evaluates(eval_dataset)
+        return control
+
+    def on_round_begin(self, args, state, control, round, clients, eval_dataset=None, **kwargs):
+        fa = self.fed_args
+        last = round == fa.num_rounds
+        control.should_evaluate = self._evaluates(eval_dataset) and (round % fa.eval_rounds == 0 or last)
+        control.should_save = bool(fa.save_rounds and round % fa.save_rounds == 0) or last
+        return control
 
 
 class FederatedProgressCallback(FederatedCallback):

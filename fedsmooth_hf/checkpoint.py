@@ -45,6 +45,9 @@ __all__ = [
     "check_resumable",
     "check_model_tensors",
     "check_strategy_tensors",
+    "model_tensors",
+    "check_model_checkpoint",
+    "restore_model_tensors",
     "rng_state",
     "set_rng_state",
 ]
@@ -354,3 +357,52 @@ def restore_rng_state(path, state: dict) -> None:
         set_rng_state(state["rng"])
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {path}: {STATE_FILE} 'rng' is malformed ({err!r})") from None
+
+
+# ---------------------------------------------------------------------- the model's tensors
+def model_tensors(layers: Mapping[str, torch.nn.Module], extras: Mapping[str, torch.Tensor]) -> dict:
+    """What a round changes in the model, under ``model.safetensors``' keys.
+
+    ``base/<layer>`` (an unquantized base weight), ``residual/<layer>/{B,A}`` (the merged
+    update kept beside a quantized base) and ``extra/<name>`` (``modules_to_save`` values).
+    """
+    from .merge import base_residual, is_quantized
+
+    tensors = {}
+    for name, layer in layers.items():
+        base = layer.get_base_layer()
+        if not is_quantized(base):
+            tensors[f"base/{name}"] = base.weight.detach()
+        res = base_residual(layer)
+        if res is not None and res.B is not None:
+            tensors[f"residual/{name}/B"] = res.B
+            tensors[f"residual/{name}/A"] = res.A
+    for n, v in extras.items():
+        tensors[f"extra/{n}"] = v
+    return tensors
+
+
+def check_model_checkpoint(path, tensors: Mapping[str, torch.Tensor], layers, extras) -> None:
+    """:func:`check_model_tensors` against what ``layers`` and ``extras`` would save now."""
+    from .merge import keeps_residual
+
+    residual_shapes = {n: (layer.out_features, layer.in_features) for n, layer in layers.items()
+                       if keeps_residual(layer.get_base_layer())}
+    check_model_tensors(path, tensors, model_tensors(layers, extras), residual_shapes)
+
+
+@torch.no_grad()
+def restore_model_tensors(layers: Mapping[str, torch.nn.Module], tensors: Mapping[str, torch.Tensor]) -> dict:
+    """Write checked :func:`model_tensors` back into ``layers``; returns the ``extra/`` values by name."""
+    from .merge import ensure_base_residual
+
+    for name, layer in layers.items():
+        key = f"base/{name}"
+        if key in tensors:
+            layer.get_base_layer().weight.copy_(tensors[key])
+        if f"residual/{name}/B" in tensors:
+            res = ensure_base_residual(layer)
+            device = layer.get_base_layer().weight.device
+            res.B = tensors[f"residual/{name}/B"].to(device)
+            res.A = tensors[f"residual/{name}/A"].to(device)
+    return {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}

@@ -14,7 +14,8 @@ small randomized sketches of it that still give its top singular subspace
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +23,9 @@ from torch import nn
 from .sketch import DenseGradient, SketchedGradient, TestMatrices, sketch_sizes
 
 __all__ = ["estimate_weight_gradients", "estimate_gradient_subspaces", "GradientEstimates", "default_loss",
-           "GA_ESTIMATORS"]
+           "GA_ESTIMATORS", "warn_small_calibration"]
+
+logger = logging.getLogger(__name__)
 
 #: ``dense``: the dense ``G`` of every layer and its SVD (the published computation);
 #: ``sketch``: streaming sketches wherever they are smaller than ``G``, dense elsewhere.
@@ -210,3 +213,14 @@ def estimate_weight_gradients(
     estimates = estimate_gradient_subspaces(model, modules, batches, estimator="dense", loss_fn=loss_fn,
                                             reduce_fn=reduce_fn)
     return {name: est.grad for name, est in estimates.items()}
+
+
+def warn_small_calibration(client_sizes: Sequence[int], ga_samples: int) -> None:
+    """A client smaller than ``ga_samples`` calibrates on all its examples: said once, before training."""
+    small = {i: n for i, n in enumerate(client_sizes) if n < ga_samples}
+    if small:
+        logger.warning(
+            "ga_samples=%d exceeds the size of %d client(s); they estimate their gradient on all their "
+            "examples: %s", ga_samples, len(small),
+            ", ".join(f"client {i}: {n}" for i, n in list(small.items())[:10]) + (" ..." if len(small) > 10 else ""),
+        )

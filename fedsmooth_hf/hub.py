@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .lora_init import lora_scaling
+from .adapter import lora_scaling
 from .lowrank import dense_top_svd
 from .merge import dense_base_weight, is_quantized
 
@@ -199,13 +199,11 @@ def model_card(
         "|---|---|",
     ]
     for key in ("strategy", "num_clients", "clients_per_round", "num_rounds", "local_steps", "lora_r", "lora_alpha",
-                "use_rslora", "partition", "dirichlet_alpha", "partition_column", "ga_samples", "gamma", "zeta",
-                "zeta_mode", "min_zeta", "stale_round_matching"):
+                "use_rslora", "partition", "dirichlet_alpha", "partition_column"):
         if key in fed_args:
-            value = fed_args[key]
-            if key in strategy and strategy[key] != value:  # e.g. zeta_mode auto, resolved by the data split
-                value = f"{strategy[key]} ({key}={value})"
-            lines.append(f"| {key} | {value} |")
+            lines.append(f"| {key} | {fed_args[key]} |")
+    # the algorithm's own options, as it describes them (FederatedStrategy.card_fields)
+    lines += [f"| {key} | {value} |" for key, value in strategy.items() if key != "strategy"]
     if evals:
         lines += ["", "## Evaluation by round", "", "| round | eval_loss |", "|---|---|"]
         lines += [f"| {r['round']} | {r['eval_loss']:.4f} |" for r in evals]

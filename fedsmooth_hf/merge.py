@@ -17,8 +17,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .lora_init import lora_scaling
+from .adapter import lora_scaling
 from .lowrank import factored_norm, stack_factors, truncated_svd
+from .lowrank_hook import LowRankHook
 
 __all__ = [
     "merge_into_base",
@@ -58,29 +59,19 @@ def keeps_residual(base: nn.Module) -> bool:
     return is_quantized(base) or (weight is not None and weight.dtype in (torch.float16, torch.bfloat16))
 
 
-class BaseResidual:
+class BaseResidual(LowRankHook):
     """Full-precision low-rank update ``B_r @ A_r`` kept beside a quantized base layer.
 
-    A forward hook adds ``x A_r^T B_r^T`` to the layer's output, so the layer computes
+    Its hook (:class:`~fedsmooth_hf.lowrank_hook.LowRankHook`) makes the layer compute
     ``Q(W) + B_r A_r (+ LoRA)``. Each merge appends the new factors exactly; when the
     stacked rank exceeds ``max_rank`` it is re-compressed with an exact truncated SVD
     (the best approximation of that rank; the discarded energy is reported).
     """
 
     def __init__(self, layer: nn.Module, max_rank: int):
+        super().__init__(layer)
         self.max_rank = max_rank
-        self.B: torch.Tensor | None = None
-        self.A: torch.Tensor | None = None
         self.discarded_norm = 0.0
-        layer.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        if self.B is None:
-            return output
-        x = args[0]
-        A = self.A.to(dtype=x.dtype, device=x.device)
-        B = self.B.to(dtype=x.dtype, device=x.device)
-        return output + (x @ A.T @ B.T).to(output.dtype)
 
     @torch.no_grad()
     def add(self, B: torch.Tensor, A: torch.Tensor) -> None:
@@ -91,7 +82,7 @@ class BaseResidual:
             B_t, A_t = truncated_svd([B], [A], self.max_rank)
             self.discarded_norm += factored_norm([B, B_t], [A, A_t], [1.0, -1.0])
             B, A = B_t, A_t
-        self.B, self.A = B, A
+        self.set(B, A)
 
     def dense(self) -> torch.Tensor | None:
         return None if self.B is None else self.B @ self.A

@@ -18,13 +18,16 @@ generator, so a partition is reproducible from its seed alone.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["PARTITION_METHODS", "partition_indices", "partition_dataset", "partition_summary"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["PARTITION_METHODS", "partition_indices", "partition_dataset", "partition_summary", "resolve_client_datasets"]
 
 PARTITION_METHODS: tuple[str, ...] = ("iid", "dirichlet", "column")
 
@@ -317,3 +320,34 @@ def partition_summary(client_datasets: Sequence[Any], label_column: str | None =
     rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
     lines = [fmt(header), rule, *(fmt(row) for row in rows), rule, fmt(totals)]
     return "\n".join(lines)
+
+
+def resolve_client_datasets(train_dataset, client_datasets: Sequence | None, fed_args, seed: int) -> list:
+    """The clients' datasets: ``client_datasets`` as given, or ``train_dataset`` split by ``fed_args``.
+
+    Either way there are ``fed_args.num_clients`` of them and none is empty.
+    """
+    fa = fed_args
+    if client_datasets is not None:
+        clients = list(client_datasets)
+        if len(clients) != fa.num_clients:
+            raise ValueError(
+                f"got {len(clients)} client_datasets but FederatedArguments.num_clients={fa.num_clients}"
+            )
+    elif train_dataset is not None:
+        clients = partition_dataset(
+            train_dataset,
+            fa.num_clients,
+            method=fa.partition,
+            seed=seed,
+            partition_column=fa.partition_column,
+            label_column=fa.partition_column or "label",
+            dirichlet_alpha=fa.dirichlet_alpha,
+        )
+        logger.info("client partition (%s):\n%s", fa.partition, partition_summary(clients, fa.partition_column))
+    else:
+        raise ValueError("FederatedTrainer needs train_dataset (split over clients) or client_datasets")
+    for i, ds in enumerate(clients):
+        if len(ds) == 0:
+            raise ValueError(f"client {i} has no data: every client dataset must hold at least one example")
+    return clients

@@ -12,7 +12,6 @@ is LoRA factors.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import math
@@ -25,92 +24,55 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import IntervalStrategy, SaveStrategy, TrainOutput
+from transformers.trainer_utils import TrainOutput
 
-from .arguments import FederatedArguments
-from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback
-from .checkpoint import (
-    check_model_tensors,
-    check_resumable,
-    check_strategy_tensors,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-)
-from .distributed import all_gather_objects, gathered, is_zero3, single_process_view, world
-from .gradients import estimate_gradient_subspaces
-from .lora_init import (
+from .adapter import (
+    ADAPTER,
+    add_lora,
     apply_client_start,
     clear_offsets,
+    find_target_modules,
     get_lora_factors,
     lora_layers,
     set_lora_factors,
     set_offsets,
 )
-from .lowrank import factored_norm
-from .merge import (
-    base_residual,
-    ensure_base_residual,
-    first_non_finite,
-    is_quantized,
-    keep_quantized_layers_differentiable,
-    keeps_residual,
-    merge_into_base,
+from .arguments import FederatedArguments
+from .callbacks import FederatedFlowCallback
+from .checkpoint import (
+    check_model_checkpoint,
+    check_resumable,
+    check_strategy_tensors,
+    latest_checkpoint,
+    load_checkpoint,
+    model_tensors,
+    restore_model_tensors,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
 )
-from .partition import partition_dataset, partition_summary
+from .distributed import gathered, is_zero3, world
+from .gradients import estimate_gradient_subspaces, warn_small_calibration
+from .local_round import client_round_seed, first_logged_loss, local_round_args, release_engine
+from .merge import first_non_finite, keep_quantized_layers_differentiable, merge_into_base
+from .partition import resolve_client_datasets
+from .rounds import (
+    ClientExecutor,
+    ClientParallelExecutor,
+    ClientTrainingError,
+    RoundEngine,
+    SequentialExecutor,
+    round_learning_rate,
+    sample_clients,
+)
 from .strategies import FederatedStrategy, ServerUpdate, strategy_from_options
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["FederatedTrainer", "ClientTrainingError", "find_target_modules"]
 
-ADAPTER = "default"
-_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head")
 # FederatedArguments that may change when a run is resumed (everything else must match)
 _RESUMABLE_CHANGES = {"num_rounds", "save_rounds", "eval_rounds", "on_client_failure", "client_parallel"}
-
-
-class ClientTrainingError(RuntimeError):
-    """A client's local round failed (exception or non-finite loss/upload); ``client`` is None for the round."""
-
-    def __init__(self, round_number: int, client: int | None, reason: str):
-        where = f"round {round_number}" if client is None else f"round {round_number}, client {client}"
-        super().__init__(f"{where}: {reason}")
-        self.round_number = round_number
-        self.client = client
-        self.reason = reason
-
-    def __reduce__(self):  # client-parallel rounds send failures between processes
-        return type(self), (self.round_number, self.client, self.reason)
-
-
-def find_target_modules(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
-    """Names of every ``nn.Linear`` except the output head, found by type (not by name patterns).
-
-    The head is the model's output embeddings, any top-level head named like
-    ``lm_head``/``classifier``/``score``, and anything listed in ``exclude``.
-    """
-    head_ids = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    if out is not None:
-        head_ids.add(id(out))
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or id(module) in head_ids:
-            continue
-        last = name.rsplit(".", 1)[-1]
-        if name in _HEAD_NAMES or last in exclude or any(name == h or name.startswith(f"{h}.") for h in exclude):
-            continue
-        names.append(name)
-    return names
-
-
-def _client_round_seed(seed: int, round_idx: int, client: int) -> int:
-    """A seed that depends only on (seed, round, client): resumable and order-independent."""
-    return int(np.random.SeedSequence([seed, round_idx, client]).generate_state(1)[0])
 
 
 class FederatedTrainer(Trainer):
@@ -127,142 +89,49 @@ class FederatedTrainer(Trainer):
         Everything else is passed to ``Trainer`` unchanged.
     """
 
-    def __init__(
-        self,
-        model: PreTrainedModel | nn.Module | None = None,
-        args: TrainingArguments | None = None,
-        fed_args: FederatedArguments | None = None,
-        train_dataset=None,
-        client_datasets: Sequence | None = None,
-        eval_dataset=None,
-        callbacks: list | None = None,
-        **kwargs,
-    ):
+    def __init__(self, model: PreTrainedModel | nn.Module | None = None, args: TrainingArguments | None = None,
+                 fed_args: FederatedArguments | None = None, train_dataset=None,
+                 client_datasets: Sequence | None = None, eval_dataset=None, callbacks: list | None = None, **kwargs):
         if model is None:
             raise ValueError("FederatedTrainer needs a model")
         self.fed_args = fed_args if fed_args is not None else FederatedArguments()
         fa = self.fed_args
         if args is None:
             args = TrainingArguments(output_dir="fedsmooth_output", report_to="none")
-        self.client_datasets = self._resolve_clients(train_dataset, client_datasets, args.seed)
+        self.client_datasets = resolve_client_datasets(train_dataset, client_datasets, fa, args.seed)
         # an IID split is known only when we made it; user-given clients may be anything
         iid_data = None if client_datasets is not None else fa.partition == "iid"
-        model = self._ensure_peft(model)
+        model = add_lora(model, fa)
         keep_quantized_layers_differentiable(model)
 
-        super().__init__(
-            model=model,
-            args=args,
-            train_dataset=self.client_datasets[0],
-            eval_dataset=eval_dataset,
-            callbacks=callbacks,
-            **kwargs,
-        )
+        super().__init__(model=model, args=args, train_dataset=self.client_datasets[0], eval_dataset=eval_dataset,
+                         callbacks=callbacks, **kwargs)
         self._zero3 = is_zero3(self.accelerator)
-        self._check_client_parallel()
+        if fa.client_parallel:
+            ClientParallelExecutor.check(self)
         self.layers = lora_layers(self.model, ADAPTER)
         self.strategy: FederatedStrategy = strategy_from_options(
             fa.strategy, {**fa.strategy_options(iid_data), "rank": self.lora_rank}
         )
         logger.info("federated strategy: %s", self.strategy.summary())
-        self._check_layer_shapes()
-        self._extra_names = [
-            n for n, p in self.model.named_parameters() if p.requires_grad and not self._is_lora_param(n)
-        ]
+        self.strategy.check_layer_shapes({n: (m.out_features, m.in_features) for n, m in self.layers.items()})
+        self._extra_names = [n for n, p in self.model.named_parameters() if p.requires_grad and ".lora_" not in n]
         self.strategy.setup(get_lora_factors(self.layers, ADAPTER))
-        self._check_ga_samples()
+        if self.strategy.needs_gradient:
+            warn_small_calibration([len(ds) for ds in self.client_datasets], fa.ga_samples)
         self.round_history: list[dict] = []
-        self._round_ctx: tuple[int, int | None] | None = None  # (round number, client) for logs
+        #: (round number, client or None) while a federation runs: every log line carries it
+        self.round_context: tuple[int, int | None] | None = None
         self._step_offset = 0
         self._log_history: list[dict] = []
-        self._progress: FederatedProgressCallback | None = None
-        self._replace_progress_bar()
+        # our bar runs over rounds x clients; Trainer's own would restart every local round
+        self.callback_handler.remove_callback(ProgressCallback)
+        self.callback_handler.callbacks.insert(0, FederatedFlowCallback(self.fed_args))
 
     # ------------------------------------------------------------------ construction
-    def _resolve_clients(self, train_dataset, client_datasets, seed: int) -> list:
-        fa = self.fed_args
-        if client_datasets is not None:
-            clients = list(client_datasets)
-            if len(clients) != fa.num_clients:
-                raise ValueError(
-                    f"got {len(clients)} client_datasets but FederatedArguments.num_clients={fa.num_clients}"
-                )
-        elif train_dataset is not None:
-            clients = partition_dataset(
-                train_dataset,
-                fa.num_clients,
-                method=fa.partition,
-                seed=seed,
-                partition_column=fa.partition_column,
-                label_column=fa.partition_column or "label",
-                dirichlet_alpha=fa.dirichlet_alpha,
-            )
-            logger.info("client partition (%s):\n%s", fa.partition, partition_summary(clients, fa.partition_column))
-        else:
-            raise ValueError("FederatedTrainer needs train_dataset (split over clients) or client_datasets")
-        for i, ds in enumerate(clients):
-            if len(ds) == 0:
-                raise ValueError(f"client {i} has no data: every client dataset must hold at least one example")
-        return clients
-
-    def _ensure_peft(self, model: nn.Module) -> nn.Module:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        fa = self.fed_args
-        if isinstance(model, PeftModel):
-            config = model.peft_config.get(ADAPTER)
-            if not isinstance(config, LoraConfig):
-                raise ValueError("FederatedTrainer needs a PeftModel with a LoRA adapter named 'default'")
-            if config.rank_pattern or config.alpha_pattern:
-                raise ValueError("LoRA rank_pattern/alpha_pattern are not supported: every layer needs the same rank")
-            return model
-        targets = find_target_modules(model, fa.modules_to_save or ())
-        if fa.target_modules:
-            wanted = list(fa.target_modules)
-            chosen = [n for n in targets if any(n == t or n.endswith("." + t) for t in wanted)]
-            if not chosen:
-                suffixes = sorted({n.rsplit(".", 1)[-1] for n in targets})
-                raise ValueError(
-                    f"FederatedArguments.target_modules={wanted} match no Linear layer of "
-                    f"{type(model).__name__}; Linear layers end in: {suffixes}"
-                )
-            targets = chosen
-        if not targets:
-            raise ValueError(f"{type(model).__name__} has no nn.Linear layer to adapt (target_modules)")
-        config = LoraConfig(
-            r=fa.lora_r,
-            lora_alpha=fa.lora_alpha,
-            lora_dropout=fa.lora_dropout,
-            use_rslora=fa.use_rslora,
-            target_modules=targets,
-            modules_to_save=fa.modules_to_save,
-        )
-        return get_peft_model(model, config)
-
     @property
     def lora_rank(self) -> int:
         return int(self.model.peft_config[ADAPTER].r)
-
-    def _check_layer_shapes(self) -> None:
-        gradient_aligned = self.strategy.needs_gradient
-        need = 2 * self.lora_rank if gradient_aligned else self.lora_rank
-        what = "2 * lora_r" if gradient_aligned else "lora_r"
-        for name, layer in self.layers.items():
-            d_out, d_in = layer.out_features, layer.in_features
-            if need > min(d_out, d_in):
-                raise ValueError(
-                    f"lora_r={self.lora_rank} is too large for layer '{name}' ({d_out}x{d_in}): "
-                    f"{what} must be <= {min(d_out, d_in)}"
-                )
-
-    def _check_client_parallel(self) -> None:
-        if not self.fed_args.client_parallel:
-            return
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "FederatedArguments.client_parallel=True trains one client per process and cannot be combined "
-                "with DeepSpeed or FSDP (they split one client's training over the processes); drop one of them"
-            )
 
     @property
     def client_parallel(self) -> bool:
@@ -273,7 +142,7 @@ class FederatedTrainer(Trainer):
     def global_model(self):
         """The current global model for inference (e.g. ``generate``); whole on every rank under ZeRO-3."""
         with self._gathered(modify=True):
-            self._load_global_adapter()
+            self.load_global_adapter()
         with self._gathered():
             yield self.model
 
@@ -281,92 +150,20 @@ class FederatedTrainer(Trainer):
         """Whole parameters under ZeRO-3 (see :func:`fedsmooth_hf.distributed.gathered`)."""
         return gathered(self.model, modify) if self._zero3 else contextlib.nullcontext()
 
-    def _check_ga_samples(self) -> None:
-        """A client smaller than ``ga_samples`` calibrates on all its examples (said once, here)."""
-        if not self.strategy.needs_gradient:
-            return
-        small = {i: len(ds) for i, ds in enumerate(self.client_datasets) if len(ds) < self.fed_args.ga_samples}
-        if small:
-            logger.warning(
-                "ga_samples=%d exceeds the size of %d client(s); they estimate their gradient on all their "
-                "examples: %s", self.fed_args.ga_samples, len(small),
-                ", ".join(f"client {i}: {n}" for i, n in list(small.items())[:10]) + (" ..." if len(small) > 10 else ""),
-            )
-
-    @staticmethod
-    def _is_lora_param(name: str) -> bool:
-        return ".lora_" in name
-
-    def _replace_progress_bar(self) -> None:
-        """Our bar runs over rounds x clients; Trainer's own would restart every local round."""
-        self.callback_handler.remove_callback(ProgressCallback)
-
-    # ------------------------------------------------------------------ helpers
-    def _fire(self, event: str, **kwargs) -> None:
-        assert event in ROUND_EVENTS
-        for cb in self.callback_handler.callbacks:
-            if isinstance(cb, FederatedCallback):
-                getattr(cb, event)(self.args, self.state, self.control, **kwargs)
-
     def sample_clients(self, round_idx: int) -> list[int]:
         """Clients of round ``round_idx`` (0-based): a seeded draw that depends only on (seed, round)."""
-        fa = self.fed_args
-        if fa.clients_per_round == fa.num_clients:
-            return list(range(fa.num_clients))
-        rng = np.random.default_rng([self.args.seed, round_idx])
-        return sorted(int(c) for c in rng.choice(fa.num_clients, fa.clients_per_round, replace=False))
+        return sample_clients(self.fed_args, self.args.seed, round_idx)
+
+    def client_dataset(self, client: int):
+        """Client ``client``'s data; a trainer holding one dataset (a federation node) serves it for any id."""
+        return self.client_datasets[0 if len(self.client_datasets) == 1 else client]
 
     def round_learning_rate(self, round_idx: int) -> float:
-        fa = self.fed_args
-        lr = self.args.learning_rate
-        if fa.round_lr_schedule == "constant":
-            return lr
-        return fa.round_min_lr + 0.5 * (lr - fa.round_min_lr) * (1 + math.cos(math.pi * round_idx / fa.num_rounds))
-
-    @contextlib.contextmanager
-    def _local_round_args(self, learning_rate: float):
-        """The user's TrainingArguments, with what a local round must own swapped in."""
-        overrides = {
-            "max_steps": self.fed_args.local_steps,
-            "learning_rate": learning_rate,
-            "save_strategy": SaveStrategy.NO,
-            "eval_strategy": IntervalStrategy.NO,
-            "load_best_model_at_end": False,
-            "push_to_hub": False,
-        }
-        saved = {k: getattr(self.args, k) for k in overrides}
-        try:
-            for k, v in overrides.items():
-                setattr(self.args, k, v)
-            yield
-        finally:
-            for k, v in saved.items():
-                setattr(self.args, k, v)
-
-    def _release_engine(self) -> None:
-        """Drop the optimizer, scheduler and any DeepSpeed/DDP wrapper of the last local round."""
-        self.optimizer = None
-        self.lr_scheduler = None
-        engine = getattr(self, "deepspeed", None)
-        if engine is not None:
-            # DeepSpeedEngine.destroy() leaves its forward hooks on our model; each would keep
-            # a dead engine alive (and running) for the rest of the federated run
-            for attr in ("module_forward_pre_hook", "module_forward_post_hook"):
-                handle = getattr(engine, attr, None)
-                if handle is not None:
-                    handle.remove()
-                    setattr(engine, attr, None)
-            if hasattr(engine, "destroy"):
-                engine.destroy()
-            self.deepspeed = None
-        self.model_wrapped = self.model
-        if self.is_deepspeed_enabled:
-            # drop the engine now; otherwise the next local round's own free_memory() does it
-            self.accelerator.free_memory()
+        return round_learning_rate(self.fed_args, self.args.learning_rate, round_idx)
 
     def _calibration_batches(self, client: int, seed: int):
         fa = self.fed_args
-        ds = self.client_datasets[client]
+        ds = self.client_dataset(client)
         rng = np.random.default_rng(seed)
         idx = np.sort(rng.permutation(len(ds))[: min(fa.ga_samples, len(ds))])
         world, rank = self.args.world_size, self.args.process_index
@@ -381,7 +178,7 @@ class FederatedTrainer(Trainer):
     def _estimate_gradients(self, client: int, seed: int, point) -> dict:
         """dL/dW of every adapted layer at the global model shifted by ``s * point`` (if any),
         as the per-layer estimates the strategy asked for (``strategy.gradient_request()``)."""
-        self._load_global_adapter()
+        self.load_global_adapter()
         if point is not None:
             set_offsets(self.layers, point, ADAPTER)
         reduce_fn = (lambda g: self.accelerator.reduce(g, "mean")) if self.args.world_size > 1 else None
@@ -397,7 +194,7 @@ class FederatedTrainer(Trainer):
         finally:
             clear_offsets(self.layers)
 
-    def _load_global_adapter(self) -> None:
+    def load_global_adapter(self) -> None:
         """The global model: base weights (+ the strategy's global adapter), no offsets."""
         clear_offsets(self.layers)
         glob = self.strategy.global_lora()
@@ -405,7 +202,8 @@ class FederatedTrainer(Trainer):
             glob = {n: (torch.zeros_like(B), A) for n, (B, A) in self.strategy.init_lora.items()}
         set_lora_factors(self.layers, glob, ADAPTER)
 
-    def _extras(self) -> dict[str, torch.Tensor]:
+    def extra_parameters(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the fully trained parameters (``modules_to_save``), which are averaged, not factored."""
         params = dict(self.model.named_parameters())
         return {n: params[n].detach().float().cpu().clone() for n in self._extra_names}
 
@@ -425,9 +223,9 @@ class FederatedTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Every log line carries ``round`` (and ``client`` inside a local round); steps run on."""
-        if self._round_ctx is None:
+        if self.round_context is None:
             return super().log(logs, start_time)
-        round_number, client = self._round_ctx
+        round_number, client = self.round_context
         logs = {**logs, "round": round_number}
         if client is not None:
             logs["client"] = client
@@ -442,8 +240,8 @@ class FederatedTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._round_ctx is not None:
-            round_number, client = self._round_ctx
+        if self.round_context is not None:
+            round_number, client = self.round_context
             step = self.state.global_step + 1
             if not torch.isfinite(loss).all():
                 raise ClientTrainingError(round_number, client, f"non-finite training loss ({loss.item()}) at local step {step}")
@@ -456,12 +254,8 @@ class FederatedTrainer(Trainer):
         return loss
 
     def evaluate(self, *args, **kwargs):
-        """Evaluate the current model; under DeepSpeed without a live engine as well.
-
-        Between local rounds no DeepSpeed engine exists. Evaluation runs on the plain
-        model: under ZeRO-1/2 every rank holds whole parameters (Trainer would otherwise
-        refuse "ZeRO inference" below stage 3); under ZeRO-3 they are gathered first.
-        """
+        """Evaluate the current model, also under DeepSpeed between local rounds (no live engine then):
+        on the plain model, whole on every rank (ZeRO-1/2: Trainer would refuse "ZeRO inference"; ZeRO-3: gathered)."""
         if not self.is_deepspeed_enabled:
             return super().evaluate(*args, **kwargs)
         self.is_deepspeed_enabled = False
@@ -470,11 +264,18 @@ class FederatedTrainer(Trainer):
                 return super().evaluate(*args, **kwargs)
         finally:
             self.is_deepspeed_enabled = True
-            self._release_engine()
+            release_engine(self)
+
+    def evaluate_global(self, ignore_keys=None) -> dict[str, float]:
+        """:meth:`evaluate` the global model (no client's offsets or adapter); numeric metrics only."""
+        with self._gathered(modify=True):
+            self.load_global_adapter()
+        metrics = self.evaluate(ignore_keys=ignore_keys)
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
     # ------------------------------------------------------------------ the round loop
     def _train_client(self, round_idx: int, client: int, lr: float, ignore_keys_for_eval=None) -> dict:
-        seed = _client_round_seed(self.args.seed, round_idx, client)
+        seed = client_round_seed(self.args.seed, round_idx, client)
         set_seed(seed)
         grads = None
         # strategy_overhead_s: everything the strategy adds to a plain local round (gradient
@@ -487,19 +288,19 @@ class FederatedTrainer(Trainer):
             del grads
             apply_client_start(self.layers, start.lora, start.offsets, start.train_A, start.train_B, ADAPTER)
         overhead = time.perf_counter() - t_start
-        self.train_dataset = self.client_datasets[client]
+        self.train_dataset = self.client_dataset(client)
         set_seed(seed)  # data order and dropout of this local round
         t0 = time.perf_counter()
         try:
-            with self._local_round_args(lr):
+            with local_round_args(self.args, self.fed_args.local_steps, lr):
                 out = super().train(ignore_keys_for_eval=ignore_keys_for_eval)
         finally:
             self._step_offset += self.state.global_step
-            self._release_engine()
+            release_engine(self)
             clear_offsets(self.layers)
         with self._gathered():
             trained = get_lora_factors(self.layers, ADAPTER)
-            extras = self._extras()
+            extras = self.extra_parameters()
         if not math.isfinite(out.training_loss):
             raise ClientTrainingError(round_idx + 1, client, f"non-finite training loss {out.training_loss}")
         for name, (B, A) in trained.items():
@@ -515,40 +316,45 @@ class FederatedTrainer(Trainer):
         return {
             "upload": upload,
             "extras": extras,
+            "num_examples": len(self.train_dataset),
+            "strategy_metrics": self.strategy.client_metrics(client),
             "train_loss": float(out.training_loss),
             "train_time_s": train_time,
             "strategy_overhead_s": overhead,
-            "first_loss": self._first_logged_loss(),
+            "first_loss": first_logged_loss(self.state.log_history),
         }
 
-    def _first_logged_loss(self) -> float | None:
-        for entry in self.state.log_history:
-            if "loss" in entry:
-                return float(entry["loss"])
-        return None
+    # ------------------------------------------------------------------ one client, one server step
+    def train_client_round(self, round_idx: int, client: int, ignore_keys_for_eval=None,
+                           learning_rate: float | None = None, extras: dict | None = None) -> dict:
+        """Run client ``client``'s local round ``round_idx`` (0-based); return its upload and figures.
 
-    # ------------------------------------------------------------------ one node of a federation
-    def train_client_round(self, round_idx: int, client: int, ignore_keys_for_eval=None) -> dict:
-        """Run client ``client``'s local round ``round_idx`` (0-based) on its own; return its upload.
-
-        The step ``train()`` runs for every sampled client (gradient estimate, strategy
-        start, Trainer inner loop, upload), for a process that holds one client of a
-        federation (``fedsmooth_hf.flower``). Same seed, same result as inside ``train()``.
-        Returns ``upload``, ``extras`` (trained ``modules_to_save``), ``train_loss`` and timings.
+        What every executor runs for a sampled client (gradient estimate, strategy start,
+        Trainer inner loop, upload), in-process or on a federation node; same seed, same
+        result. ``learning_rate`` defaults to :meth:`round_learning_rate`; ``extras``: the
+        global ``modules_to_save`` values to start from (the previous client changed them).
+        Returns ``upload``, ``extras`` (trained ``modules_to_save``), ``num_examples``,
+        ``train_loss``, ``first_loss``, timings and ``strategy_metrics``.
         """
-        self.strategy.begin_round(round_idx)
-        self._round_ctx = (round_idx + 1, client)
+        if self.strategy.round != round_idx:  # a node's round: in-process the round loop began it
+            self.strategy.begin_round(round_idx)
+        outer = self.round_context
+        self.round_context = (round_idx + 1, client)
         try:
-            return self._train_client(round_idx, client, self.round_learning_rate(round_idx), ignore_keys_for_eval)
+            if extras is not None:
+                with self._gathered(modify=True):
+                    self._set_extras(extras)
+            lr = self.round_learning_rate(round_idx) if learning_rate is None else learning_rate
+            return self._train_client(round_idx, client, lr, ignore_keys_for_eval)
         finally:
-            self._round_ctx = None
+            self.round_context = outer
 
     @torch.no_grad()
     def apply_server_update(self, update: ServerUpdate, extras: dict[str, torch.Tensor] | None = None) -> None:
         """Take a round's aggregate: merge it into the base and adopt the server's strategy state.
 
         How a federation's server and clients keep identical base weights: each applies
-        the same broadcast update (``train()`` does the same after its own aggregate).
+        the same broadcast update (the round loop does the same after its own aggregate).
         ``extras`` are the averaged ``modules_to_save`` values.
         """
         with self._gathered(modify=True):
@@ -556,184 +362,39 @@ class FederatedTrainer(Trainer):
             self.strategy.receive_update(update)
             if extras:
                 self._set_extras(extras)
-            self._load_global_adapter()
+            self.load_global_adapter()
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """Run the federated rounds; ``resume_from_checkpoint`` continues after a saved round."""
-        fa = self.fed_args
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
+              executor: ClientExecutor | None = None, **kwargs):
+        """Run the federated rounds (:class:`~fedsmooth_hf.rounds.RoundEngine`).
+
+        ``resume_from_checkpoint`` continues after a saved round; ``executor`` runs each
+        round's clients (default: one after another, or one per process with ``client_parallel``).
+        """
         start_round = 0
         if resume_from_checkpoint:
             path = latest_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
             if path is None:
                 raise ValueError(f"no federated checkpoint (round-<k>/) found in {self.args.output_dir}")
             start_round = self.load_federated_checkpoint(path)
-        if not self.args.disable_tqdm:
-            total = fa.num_rounds * fa.clients_per_round
-            self._progress = FederatedProgressCallback(total, initial=start_round * fa.clients_per_round)
-            self.add_callback(self._progress)
+        if executor is None:
+            executor = ClientParallelExecutor(self) if self.client_parallel else SequentialExecutor(self)
         t_start = time.perf_counter()
-        # Trainer runs a full gc.collect() at every local round; freezing the long-lived
-        # objects (imports, datasets, model) keeps that from costing ~0.3 s per client round.
-        gc.collect()
-        gc.freeze()
         try:
-            if start_round == 0 and self._eval_due(-1):
-                self._evaluate_round(0, ignore_keys_for_eval, record=True)
-            for round_idx in range(start_round, fa.num_rounds):
-                self._run_round(round_idx, ignore_keys_for_eval)
+            done = RoundEngine(self, executor, ignore_keys_for_eval).run(start_round)
         finally:
-            if self._progress is not None:
-                self._progress.close()
-                self.remove_callback(self._progress)
-                self._progress = None
-            self._round_ctx = None
+            self.round_context = None
             self.state.log_history = list(self._log_history)
-            gc.unfreeze()
-        last = self.round_history[-1] if self.round_history else {}
-        metrics = {"train_runtime": time.perf_counter() - t_start, "rounds": fa.num_rounds}
+        last = next((r for r in reversed(self.round_history) if "train_loss" in r), {})
+        metrics = {"train_runtime": time.perf_counter() - t_start, "rounds": done}
         metrics.update({k: v for k, v in last.items() if isinstance(v, float)})
         return TrainOutput(self._step_offset, float(last.get("train_loss", float("nan"))), metrics)
 
-    def _eval_due(self, round_idx: int) -> bool:
-        fa = self.fed_args
-        if self.eval_dataset is None or fa.eval_rounds == 0:
-            return False
-        return round_idx < 0 or (round_idx + 1) % fa.eval_rounds == 0 or round_idx + 1 == fa.num_rounds
-
-    def _run_round(self, round_idx: int, ignore_keys_for_eval) -> None:
-        fa = self.fed_args
-        number = round_idx + 1
-        t0 = time.perf_counter()
-        self.strategy.begin_round(round_idx)
-        clients = self.sample_clients(round_idx)
-        lr = self.round_learning_rate(round_idx)
-        with self._gathered():
-            global_extras = self._extras()
-        self._fire("on_round_begin", round=number, clients=clients)
-        outcomes = self._train_clients(round_idx, clients, lr, global_extras, ignore_keys_for_eval)
-        uploads, weights, losses, failed, info = {}, {}, {}, {}, {}
-        extra_sum: dict[str, torch.Tensor] = {}
-        for client in clients:
-            result = outcomes[client]
-            if isinstance(result, ClientTrainingError):
-                if fa.on_client_failure == "raise":
-                    raise result
-                logger.warning("skipping %s", result)
-                failed[client] = result.reason
-                continue
-            uploads[client] = result["upload"]
-            n = len(self.client_datasets[client])
-            weights[client] = float(n)
-            losses[client] = result["train_loss"]
-            info[client] = {k: result[k] for k in ("train_time_s", "strategy_overhead_s", "first_loss")}
-            for k, v in result["extras"].items():
-                extra_sum[k] = extra_sum.get(k, 0) + n * v
-        if not uploads:
-            raise ClientTrainingError(number, None, f"every sampled client failed: {failed}")
-        self._round_ctx = (number, None)
-        update = self.strategy.aggregate(uploads, weights)
-        total = sum(weights.values())
-        self.apply_server_update(update, {k: v / total for k, v in extra_sum.items()} if extra_sum else None)
-        record = {
-            "round": number,
-            "clients": clients,
-            "learning_rate": lr,
-            "train_loss": float(sum(weights[c] * losses[c] for c in losses) / total),
-            "client_train_loss": {str(c): v for c, v in losses.items()},
-            "client_first_loss": {str(c): info[c]["first_loss"] for c in info},
-            "strategy_overhead_s": float(sum(i["strategy_overhead_s"] for i in info.values())),
-            "local_train_time_s": float(sum(i["train_time_s"] for i in info.values())),
-            "merge_norm": float(
-                math.sqrt(sum(factored_norm([B], [A]) ** 2 for B, A in update.merge.values()))
-            ) if update.merge else 0.0,
-            "failed_clients": {str(c): r for c, r in failed.items()},
-        }
-        record.update(self.strategy.round_metrics())
-        if self._eval_due(round_idx):
-            record.update(self._evaluate_round(number, ignore_keys_for_eval, record=False))
-        record["round_time_s"] = time.perf_counter() - t0
-        self.round_history.append(record)
-        self.log({"train_loss": record["train_loss"], "merge_norm": record["merge_norm"]})
-        self._fire("on_round_end", round=number, metrics=record)
-        if (fa.save_rounds and number % fa.save_rounds == 0) or number == fa.num_rounds:
-            self.save_federated_checkpoint(number)
-
-    def _train_clients(self, round_idx: int, clients: list[int], lr: float, global_extras, ignore_keys_for_eval) -> dict:
-        """``client -> result dict or ClientTrainingError`` for every sampled client.
-
-        Sequentially by default (each local round data-parallel over the processes);
-        with ``client_parallel`` process r trains ``clients[r::world]`` and the
-        results are exchanged, so every rank aggregates the same uploads in the same order.
-        """
-        number = round_idx + 1
-        rank, size = world() if self.client_parallel else (0, 1)
-        view = single_process_view if self.client_parallel else contextlib.nullcontext
-        outcomes = {}
-        for client in clients[rank::size]:
-            self._round_ctx = (number, client)
-            self._fire("on_client_begin", round=number, client=client)
-            with self._gathered(modify=True):
-                self._set_extras(global_extras)
-            try:
-                with view():
-                    outcomes[client] = self._train_client(round_idx, client, lr, ignore_keys_for_eval)
-            except Exception as err:  # noqa: BLE001 - the failure policy decides
-                error = err if isinstance(err, ClientTrainingError) else ClientTrainingError(number, client, repr(err))
-                if self.fed_args.on_client_failure == "raise" and not self.client_parallel:
-                    raise error from err
-                outcomes[client] = error
-            if not self.client_parallel:
-                self._client_end(number, client, outcomes[client])
-        if self.client_parallel:
-            local = outcomes
-            outcomes = {}
-            for part in all_gather_objects(local):
-                outcomes.update(part)
-            for client in clients:
-                result = outcomes[client]
-                if client not in local and not isinstance(result, ClientTrainingError):
-                    self.strategy.remember_upload(client, result["upload"])
-                self._client_end(number, client, result)
-        return outcomes
-
-    def _client_end(self, number: int, client: int, result) -> None:
-        if isinstance(result, ClientTrainingError):
-            metrics = {"failed": result.reason}
-        else:
-            metrics = {"train_loss": result["train_loss"],
-                       **{k: result[k] for k in ("train_time_s", "strategy_overhead_s", "first_loss")}}
-        self._fire("on_client_end", round=number, client=client, metrics=metrics)
-
-    def _evaluate_round(self, number: int, ignore_keys_for_eval, record: bool) -> dict:
-        self._round_ctx = (number, None)
-        with self._gathered(modify=True):
-            self._load_global_adapter()
-        metrics = self.evaluate(ignore_keys=ignore_keys_for_eval)
-        out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        if record:
-            self.round_history.append({"round": number, **out})
-            self._fire("on_round_end", round=number, metrics=self.round_history[-1])
-        return out
-
     # ------------------------------------------------------------------ checkpoints
-    def _model_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {}
-        for name, layer in self.layers.items():
-            base = layer.get_base_layer()
-            if not is_quantized(base):
-                tensors[f"base/{name}"] = base.weight.detach()
-            res = base_residual(layer)
-            if res is not None and res.B is not None:
-                tensors[f"residual/{name}/B"] = res.B
-                tensors[f"residual/{name}/A"] = res.A
-        for n, v in self._extras().items():
-            tensors[f"extra/{n}"] = v
-        return tensors
-
     def save_federated_checkpoint(self, round_number: int) -> Path | None:
         """Write ``output_dir/round-<k>`` (process 0 only); safe against a kill at any point."""
         with self._gathered():  # collective under ZeRO-3: every rank takes part
-            tensors = self._model_tensors()
+            tensors = model_tensors(self.layers, self.extra_parameters())
         if not self.args.should_save:
             return None
         state = {
@@ -749,33 +410,19 @@ class FederatedTrainer(Trainer):
 
     @torch.no_grad()
     def load_federated_checkpoint(self, path) -> int:
-        """Restore a ``round-<k>`` checkpoint; returns k (the number of completed rounds)."""
+        """Restore a ``round-<k>`` checkpoint (checked before anything changes); returns k, the completed rounds."""
         with self._gathered(modify=True):
-            return self._restore_checkpoint(path)
-
-    def _restore_checkpoint(self, path) -> int:
-        model_tensors, strategy_tensors, state = load_checkpoint(path)
-        check_resumable(path, state, self.fed_args.to_dict(), self.args.seed, _RESUMABLE_CHANGES)
-        residual_shapes = {n: (layer.out_features, layer.in_features) for n, layer in self.layers.items()
-                           if keeps_residual(layer.get_base_layer())}
-        check_model_tensors(path, model_tensors, self._model_tensors(), residual_shapes)
-        check_strategy_tensors(path, strategy_tensors, self.strategy)
-        restore_rng_state(path, state)
-        for name, layer in self.layers.items():
-            key = f"base/{name}"
-            if key in model_tensors:
-                layer.get_base_layer().weight.copy_(model_tensors[key])
-            if f"residual/{name}/B" in model_tensors:
-                res = ensure_base_residual(layer)
-                device = layer.get_base_layer().weight.device
-                res.B = model_tensors[f"residual/{name}/B"].to(device)
-                res.A = model_tensors[f"residual/{name}/A"].to(device)
-        self._set_extras({k[len("extra/"):]: v for k, v in model_tensors.items() if k.startswith("extra/")})
-        self.strategy.load_state_dict(strategy_tensors)
-        self.round_history = list(state.get("round_history", []))
-        self._step_offset = int(state.get("step_offset", 0))
-        self._load_global_adapter()
-        return int(state["round"])
+            tensors, strategy_tensors, state = load_checkpoint(path)
+            check_resumable(path, state, self.fed_args.to_dict(), self.args.seed, _RESUMABLE_CHANGES)
+            check_model_checkpoint(path, tensors, self.layers, self.extra_parameters())
+            check_strategy_tensors(path, strategy_tensors, self.strategy)
+            restore_rng_state(path, state)
+            self._set_extras(restore_model_tensors(self.layers, tensors))
+            self.strategy.load_state_dict(strategy_tensors)
+            self.round_history = list(state.get("round_history", []))
+            self._step_offset = int(state.get("step_offset", 0))
+            self.load_global_adapter()
+            return int(state["round"])
 
     # ------------------------------------------------------------------ export
     def merged_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -799,7 +446,7 @@ class FederatedTrainer(Trainer):
         card = model_card(
             getattr(self.model.get_base_model().config, "_name_or_path", "") or "",
             self.fed_args.to_dict(),
-            self.strategy.describe(),
+            self.strategy.card_fields(self.fed_args.to_dict()),
             self.round_history,
             {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
         )

@@ -72,7 +72,7 @@ def install_kill_point(trainer: FederatedTrainer, point: str, marker: Path) -> N
         inner = trainer_module.estimate_gradient_subspaces
 
         def estimate(*args, **kwargs):
-            if trainer._round_ctx == (KILL_ROUND, second_client):
+            if trainer.round_context == (KILL_ROUND, second_client):
                 die()
             return inner(*args, **kwargs)
 
@@ -81,7 +81,7 @@ def install_kill_point(trainer: FederatedTrainer, point: str, marker: Path) -> N
 
         class KillInLocalLoop(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                if trainer._round_ctx == (KILL_ROUND, second_client) and state.global_step == 1:
+                if trainer.round_context == (KILL_ROUND, second_client) and state.global_step == 1:
                     die()
 
         trainer.add_callback(KillInLocalLoop())
@@ -99,7 +99,7 @@ def install_kill_point(trainer: FederatedTrainer, point: str, marker: Path) -> N
         inner_merge = trainer_module.merge_into_base
 
         def merge(layers, merge, *args, **kwargs):
-            if trainer._round_ctx == (KILL_ROUND, None):
+            if trainer.round_context == (KILL_ROUND, None):
                 first_half = dict(list(merge.items())[: len(merge) // 2])
                 inner_merge(layers, first_half, *args, **kwargs)
                 die()
@@ -110,7 +110,7 @@ def install_kill_point(trainer: FederatedTrainer, point: str, marker: Path) -> N
 
         class KillInEvaluation(TrainerCallback):
             def on_prediction_step(self, args, state, control, **kwargs):
-                if trainer._round_ctx == (KILL_ROUND, None):
+                if trainer.round_context == (KILL_ROUND, None):
                     die()
 
         trainer.add_callback(KillInEvaluation())

@@ -40,7 +40,7 @@ class _Fail(TrainerCallback):
         self.trainer, self.kind, self.clients = trainer, kind, set(clients)
 
     def _targeted(self):
-        ctx = self.trainer._round_ctx
+        ctx = self.trainer.round_context
         return ctx is not None and ctx[0] == 1 and ctx[1] in self.clients
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -16,7 +16,7 @@ def _args(tmp_path):
 
 
 def _global_logits(trainer, **inputs):
-    trainer._load_global_adapter()
+    trainer.load_global_adapter()
     trainer.model.eval()
     with torch.no_grad():
         return trainer.model(**inputs).logits

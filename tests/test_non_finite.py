@@ -34,7 +34,7 @@ def _poison_gradient(trainer, where):
     lora_A = dict(trainer.model.named_modules())[f"base_model.model.{HOOKED_LAYER}"].lora_A["default"]
 
     def forward_hook(module, args, output):
-        if trainer._round_ctx == where and module.training and output.requires_grad:
+        if trainer.round_context == where and module.training and output.requires_grad:
             output.register_hook(lambda grad: grad * float("nan"))
 
     lora_A.register_forward_hook(forward_hook)
@@ -45,7 +45,7 @@ def _poison_loss(trainer, where):
 
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = inner(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        return loss * float("nan") if trainer._round_ctx == where and model.training else loss
+        return loss * float("nan") if trainer.round_context == where and model.training else loss
 
     trainer.compute_loss = compute_loss
 

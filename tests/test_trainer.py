@@ -202,7 +202,7 @@ def test_nan_loss_stops_with_round_and_client_and_keeps_last_checkpoint(tmp_path
     def poisoned(model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = inner(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         calls["n"] += 1
-        if trainer.state.global_step >= 0 and trainer._round_ctx == (2, 1):
+        if trainer.state.global_step >= 0 and trainer.round_context == (2, 1):
             return loss * float("nan")
         return loss
 
@@ -220,7 +220,7 @@ def test_skip_policy_drops_the_failing_client(tmp_path):
 
     def poisoned(model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = inner(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        return loss * float("nan") if trainer._round_ctx == (1, 2) and model.training else loss
+        return loss * float("nan") if trainer.round_context == (1, 2) and model.training else loss
 
     trainer.compute_loss = poisoned
     trainer.train()

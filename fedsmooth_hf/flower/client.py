@@ -17,9 +17,10 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+
+from .wire import reply_content, to_arrays
 
 __all__ = ["make_client_app", "client_state_dir"]
 
@@ -37,14 +38,6 @@ def client_state_dir(config: Mapping, node_config: Mapping, partition_id: int) -
 def _short_lived_process() -> bool:
     """True inside a SuperNode's per-message ``flwr-clientapp`` process."""
     return sys.argv[0].endswith("flwr-clientapp")
-
-
-def to_arrays(record: ArrayRecord | None) -> dict[str, np.ndarray]:
-    return {} if record is None else {k: v.numpy() for k, v in record.items()}
-
-
-def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = None) -> ClientApp:
@@ -103,7 +96,6 @@ def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = No
     def train(msg: Message, context: Context) -> Message:
         request = ("handle", dict(msg.content["config"]), to_arrays(msg.content.array_records.get("updates")))
         metrics, upload = dispatch(context, request)
-        content = RecordDict({"metrics": MetricRecord(metrics), "upload": to_record(upload)})
-        return Message(content, reply_to=msg)
+        return Message(reply_content(metrics, upload), reply_to=msg)
 
     return app

@@ -15,7 +15,6 @@ import gc
 import json
 import logging
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -79,10 +78,8 @@ class ClientNode:
     def __init__(self, trainer, client: int, state_dir: str | os.PathLike, run_token: str):
         self.trainer = trainer
         self.client = int(client)
-        if len(trainer.client_datasets) == 1 and self.client != 0:
-            # a node that holds only its own data: index it by its federation id
-            trainer.client_datasets = {self.client: trainer.client_datasets[0]}
-        elif not 0 <= self.client < len(trainer.client_datasets):
+        # a trainer holding one dataset serves it as this client's (trainer.client_dataset)
+        if len(trainer.client_datasets) > 1 and not 0 <= self.client < len(trainer.client_datasets):
             raise ValueError(f"client {client} is not one of the trainer's {len(trainer.client_datasets)} clients")
         self.state_dir = Path(state_dir)
         self.is_writer = trainer.args.process_index == 0  # rank 0 of a worker group writes the state
@@ -96,7 +93,7 @@ class ClientNode:
 
     @property
     def num_examples(self) -> int:
-        return len(self.trainer.client_datasets[self.client])
+        return len(self.trainer.client_dataset(self.client))
 
     # ------------------------------------------------------------------ persistence
     def _restore(self) -> None:
@@ -122,7 +119,7 @@ class ClientNode:
             update, extras = arrays_to_update(k, load_arrays(str(self.state_dir / UPDATES_DIR / f"update-{k}.safetensors")))
             self.trainer.apply_server_update(update, extras)
         self.trainer.strategy.load_state_dict(load_tensors(str(self.state_dir / STRATEGY_FILE)))
-        self.trainer._load_global_adapter()
+        self.trainer.load_global_adapter()
         self.applied = int(saved["applied"])
         self.loads = int(saved.get("loads", 0)) + 1
         logger.info("client %d: restored %d applied updates from %s", self.client, self.applied, self.state_dir)
@@ -142,7 +139,7 @@ class ClientNode:
     def _adopt_initial_adapter(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Start from the server's initial LoRA factors: PEFT draws them at random in every process."""
         self.trainer.strategy.setup(arrays_to_factors("init", arrays))
-        self.trainer._load_global_adapter()
+        self.trainer.load_global_adapter()
         self.has_initial_adapter = True
 
     # ------------------------------------------------------------------ one message
@@ -188,12 +185,11 @@ class ClientNode:
                 raise RuntimeError(
                     f"client {self.client} is at server update {self.applied}, round {round_idx + 1} needs {round_idx}"
                 )
-            t0 = time.perf_counter()
             result = self.trainer.train_client_round(round_idx, self.client)
             upload = factors_to_arrays("lora", result["upload"])
             upload.update(tensors_to_arrays("extra", result["extras"]))
-            metrics.update(num_examples=self.num_examples, train_loss=result["train_loss"],
-                           strategy_overhead_s=result["strategy_overhead_s"], train_time_s=time.perf_counter() - t0)
+            metrics.update({k: result[k] for k in ("num_examples", "train_loss", "train_time_s", "strategy_overhead_s",
+                                                   "first_loss", "strategy_metrics")})
         self._persist()
         return metrics, upload
 

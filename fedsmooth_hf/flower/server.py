@@ -19,12 +19,12 @@ from collections.abc import Callable, Mapping
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from .client import to_arrays, to_record
-from .wire import arrays_to_factors, arrays_to_tensors, factors_to_arrays, raw_bytes, update_to_arrays
+from ..rounds import ClientExecutor, ClientTrainingError
+from .wire import factors_to_arrays, raw_bytes, result_from_reply, to_arrays, to_record, update_to_arrays
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["make_server_app", "run_federation", "FederationError"]
+__all__ = ["make_server_app", "run_federation", "FlowerExecutor", "FederationError"]
 
 
 class FederationError(RuntimeError):
@@ -88,111 +88,126 @@ def model_bytes(trainer) -> int:
     return int(sum(p.numel() * p.element_size() for n, p in trainer.model.named_parameters() if ".lora_" not in n))
 
 
-def run_federation(grid: Grid, trainer, config: Mapping, run_token: str) -> list[dict]:
-    """The round loop; returns the trainer's round history (also written next to the saved model)."""
-    import torch
+class FlowerExecutor(ClientExecutor):
+    """Runs a round's clients on Flower SuperNodes: each sampled client gets a Grid message with the
+    server updates it has not applied yet and answers with its upload.
 
-    from .node import base_weight_sum, federation_fingerprint
+    Failures follow ``min-fit-fraction`` (a round needs that share of its sampled clients'
+    uploads, else :class:`FederationError`), not ``FederatedArguments.on_client_failure``.
+    """
 
-    fa = trainer.fed_args
-    min_nodes = _option(config, "min-available-nodes", fa.num_clients)
-    min_fit_fraction = _option(config, "min-fit-fraction", 1.0)
-    timeout = _option(config, "round-timeout", 0.0) or None
-    nodes = _wait_for_nodes(grid, min_nodes, _option(config, "wait-for-nodes-timeout", 300.0))
-    partitions = _partition_map(grid, nodes, _option(config, "query-timeout", 900.0), run_token,
-                                base_weight_sum(trainer))
-    logger.info("federation: partitions %s on %d SuperNodes", sorted(partitions), len(nodes))
-    fingerprint = {f"fp-{k}": v for k, v in federation_fingerprint(trainer).items()}
-    full_model = model_bytes(trainer)
-    initial_adapter = factors_to_arrays("init", trainer.strategy.init_lora)
-    update_log: list[dict] = []
-    synced: dict[int, int] = {}  # node -> server updates it has applied
-    initialized: set[int] = set()  # nodes that hold the initial adapter
+    def __init__(self, grid: Grid, trainer, config: Mapping, run_token: str):
+        self.grid, self.trainer, self.config, self.run_token = grid, trainer, config, run_token
+        self.min_fit_fraction = _option(config, "min-fit-fraction", 1.0)
+        self.timeout = _option(config, "round-timeout", 0.0) or None
+        self.update_log: list[dict] = []
+        self.synced: dict[int, int] = {}  # node -> server updates it has applied
+        self.initialized: set[int] = set()  # nodes that hold the initial adapter
+        self.partitions: dict[int, int] = {}
+        self._record: dict = {}
 
-    def message(node: int, action: str, round_idx: int, finish: bool = False) -> Message:
-        first = synced.get(node, 0)
+    def start(self, engine, start_round: int) -> None:
+        from .node import base_weight_sum, federation_fingerprint
+
+        if start_round:
+            raise FederationError("a Flower federation cannot resume from a checkpoint: its clients hold state")
+        trainer, config = self.trainer, self.config
+        nodes = _wait_for_nodes(self.grid, _option(config, "min-available-nodes", trainer.fed_args.num_clients),
+                                _option(config, "wait-for-nodes-timeout", 300.0))
+        self.partitions = _partition_map(self.grid, nodes, _option(config, "query-timeout", 900.0), self.run_token,
+                                         base_weight_sum(trainer))
+        logger.info("federation: partitions %s on %d SuperNodes", sorted(self.partitions), len(nodes))
+        self.fingerprint = {f"fp-{k}": v for k, v in federation_fingerprint(trainer).items()}
+        self.full_model = model_bytes(trainer)
+        self.initial_adapter = factors_to_arrays("init", trainer.strategy.init_lora)
+
+    def _message(self, node: int, action: str, round_idx: int, finish: bool = False) -> Message:
+        first = self.synced.get(node, 0)
         # a client that has not trained yet also gets the initial adapter (PEFT's random A differs per process)
-        arrays = dict(initial_adapter) if node not in initialized else {}
-        for k in range(first, len(update_log)):
-            arrays.update(update_log[k])
-        cfg = {"action": action, "round": round_idx, "first_update": first, "num_updates": len(update_log) - first,
-               "run_token": run_token, "finish": finish, **fingerprint}
+        arrays = dict(self.initial_adapter) if node not in self.initialized else {}
+        for k in range(first, len(self.update_log)):
+            arrays.update(self.update_log[k])
+        cfg = {"action": action, "round": round_idx, "first_update": first,
+               "num_updates": len(self.update_log) - first, "run_token": self.run_token, "finish": finish,
+               **self.fingerprint}
         content = RecordDict({"config": ConfigRecord(cfg), "updates": to_record(arrays)})
         return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_idx + 1))
 
-    for round_idx in range(fa.num_rounds):
-        t0 = time.perf_counter()
-        clients = trainer.sample_clients(round_idx)
+    def run(self, engine, round_idx, clients, learning_rate):
+        number, partitions = round_idx + 1, self.partitions
         failed: dict[int, str] = {}
         msgs, download = [], {}
-        needed = math.ceil(min_fit_fraction * len(clients))
+        needed = math.ceil(self.min_fit_fraction * len(clients))
         for c in clients:
             if c not in partitions:
                 failed[c] = "no connected SuperNode has this partition-id"
         if len(clients) - len(failed) < needed:  # fail before anyone trains
-            _too_few(round_idx, len(clients) - len(failed), clients, needed, min_fit_fraction, failed,
+            _too_few(round_idx, len(clients) - len(failed), clients, needed, self.min_fit_fraction, failed,
                      "have a connected SuperNode")
         for c in clients:
             if c not in failed:
-                msgs.append(message(partitions[c], "train", round_idx))
+                engine.client_event("on_client_begin", number, c)
+                msgs.append(self._message(partitions[c], "train", round_idx))
                 download[c] = msgs[-1].content["updates"].count_bytes()
-        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)} if msgs else {}
-        uploads, weights, extras, losses, wire, lora = {}, {}, {}, {}, {}, {}
+        replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(msgs, timeout=self.timeout)} \
+            if msgs else {}
+        outcomes, wire, lora = {}, {}, {}
         for c in clients:
             if c in failed:
                 continue
             reply = replies.get(partitions[c])
             if reply is None:
-                failed[c] = f"no reply within round-timeout={timeout} s"
+                failed[c] = f"no reply within round-timeout={self.timeout} s"
             elif reply.has_error():
                 failed[c] = reply.error.reason
             else:
                 arrays = to_arrays(reply.content["upload"])
-                metrics = reply.content["metrics"]
-                uploads[c] = arrays_to_factors("lora", arrays)
-                extras[c] = arrays_to_tensors("extra", arrays)
-                weights[c] = float(metrics["num_examples"])
-                losses[c] = float(metrics["train_loss"])
+                outcomes[c] = result_from_reply(arrays, reply.content)
                 wire[c] = reply.content["upload"].count_bytes()
                 lora[c] = raw_bytes({k: v for k, v in arrays.items() if k.startswith("lora/")})
-                synced[partitions[c]] = round_idx
-                initialized.add(partitions[c])
-        if len(uploads) < max(needed, 1):
-            _too_few(round_idx, len(uploads), clients, needed, min_fit_fraction, failed)
+                self.synced[partitions[c]] = round_idx
+                self.initialized.add(partitions[c])
+        if len(outcomes) < max(needed, 1):
+            _too_few(round_idx, len(outcomes), clients, needed, self.min_fit_fraction, failed)
         for c, reason in failed.items():
-            logger.warning("round %d: client %d failed: %s", round_idx + 1, c, reason)
-        update = trainer.strategy.aggregate(uploads, weights)
-        total = sum(weights.values())
-        mean_extras = {k: sum(weights[c] * extras[c][k] for c in uploads) / total for k in extras[next(iter(uploads))]}
-        trainer.apply_server_update(update, mean_extras)
-        update_log.append(update_to_arrays(round_idx, update, mean_extras))
-        record = {
-            "round": round_idx + 1,
-            "clients": clients,
-            "train_loss": float(sum(weights[c] * losses[c] for c in losses) / total),
-            "client_train_loss": {str(c): v for c, v in losses.items()},
-            "failed_clients": {str(c): r for c, r in failed.items()},
+            outcomes[c] = ClientTrainingError(number, c, reason)
+        for c in clients:
+            if c in download:  # it was sent a message: on_client_begin fired for it
+                engine.client_event("on_client_end", number, c, outcomes[c])
+        self._record = {
             "upload_bytes": {str(c): v for c, v in wire.items()},
             "upload_lora_bytes": {str(c): v for c, v in lora.items()},
             "download_bytes": {str(c): v for c, v in download.items()},
-            "model_bytes": full_model,
+            "model_bytes": self.full_model,
         }
-        if trainer._eval_due(round_idx):
-            with torch.no_grad():
-                record.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
-        record["round_time_s"] = time.perf_counter() - t0
-        trainer.round_history.append(record)
-        logger.info("[round %d] %s", round_idx + 1, {k: v for k, v in record.items() if isinstance(v, float)})
+        return {c: outcomes[c] for c in clients}
 
-    # bring every client to the final global model (and let their workers exit)
-    final = [message(node, "sync", fa.num_rounds, finish=True) for node in sorted(partitions.values())]
-    sums = {}
-    by_node = {n: c for c, n in partitions.items()}
-    for reply in grid.send_and_receive(final, timeout=_option(config, "final-sync-timeout", timeout or 600.0)):
-        if not reply.has_error():
-            sums[str(by_node[reply.metadata.src_node_id])] = float(reply.content["metrics"]["base_weight_sum"])
-    trainer.round_history.append({"round": fa.num_rounds, "final_sync": True, "server_base_weight_sum":
-                                  base_weight_sum(trainer), "client_base_weight_sum": sums})
+    def round_record(self) -> dict:
+        return self._record
+
+    def server_update(self, round_idx: int, update, extras) -> None:
+        self.update_log.append(update_to_arrays(round_idx, update, extras))
+
+    def finish(self) -> None:
+        """Bring every client to the final global model (and let their workers exit)."""
+        from .node import base_weight_sum
+
+        trainer, num_rounds = self.trainer, len(self.update_log)
+        final = [self._message(node, "sync", num_rounds, finish=True) for node in sorted(self.partitions.values())]
+        sums = {}
+        by_node = {n: c for c, n in self.partitions.items()}
+        timeout = _option(self.config, "final-sync-timeout", self.timeout or 600.0)
+        for reply in self.grid.send_and_receive(final, timeout=timeout):
+            if not reply.has_error():
+                sums[str(by_node[reply.metadata.src_node_id])] = float(reply.content["metrics"]["base_weight_sum"])
+        trainer.round_history.append({"round": num_rounds, "final_sync": True, "server_base_weight_sum":
+                                      base_weight_sum(trainer), "client_base_weight_sum": sums})
+
+
+def run_federation(grid: Grid, trainer, config: Mapping, run_token: str) -> list[dict]:
+    """The federation: the trainer's round loop with a :class:`FlowerExecutor`; returns the round history
+    (also written next to the saved model)."""
+    trainer.train(executor=FlowerExecutor(grid, trainer, config, run_token))
     return trainer.round_history
 
 

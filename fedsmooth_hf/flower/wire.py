@@ -1,49 +1,53 @@
 """What crosses the wire: LoRA factors and small metadata as named float32 arrays.
 
-Keys are ``<prefix>/<module>/B`` and ``<prefix>/<module>/A`` (``<prefix>/<name>`` for
-``modules_to_save`` values). The base model never travels: per client and round the
-upload is ``r * (d_in + d_out)`` float32 numbers per adapted module.
+Keys are ``<prefix>/<module>/B`` and ``<prefix>/<module>/A`` (the package's one factor
+codec, :mod:`fedsmooth_hf.factor_keys`; ``<prefix>/<name>`` for ``modules_to_save``
+values). The base model never travels: per client and round the upload is
+``r * (d_in + d_out)`` float32 numbers per adapted module. A reply carries the upload,
+its numbers as a ``MetricRecord`` and the rest of a client round's result (first loss,
+the strategy's client metrics) as JSON.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from ..factor_keys import flatten_factors, unflatten_factors
 
 __all__ = ["factors_to_arrays", "arrays_to_factors", "tensors_to_arrays", "arrays_to_tensors",
-           "update_to_arrays", "arrays_to_update", "raw_bytes"]
+           "update_to_arrays", "arrays_to_update", "raw_bytes", "to_arrays", "to_record", "reply_content",
+           "result_from_reply"]
+
+
+def _to_numpy(t) -> np.ndarray:
+    return t.detach().float().cpu().contiguous().numpy()
+
+
+def _to_torch(a):
+    import torch
+
+    return torch.from_numpy(np.array(a))
 
 
 def factors_to_arrays(prefix: str, factors) -> dict[str, np.ndarray]:
-    out = {}
-    for name, (B, A) in factors.items():
-        out[f"{prefix}/{name}/B"] = B.detach().float().cpu().contiguous().numpy()
-        out[f"{prefix}/{name}/A"] = A.detach().float().cpu().contiguous().numpy()
-    return out
+    return flatten_factors(prefix, factors, _to_numpy)
 
 
 def arrays_to_factors(prefix: str, arrays: Mapping[str, np.ndarray]) -> dict:
-    import torch
-
-    pairs: dict[str, list] = {}
-    head = prefix + "/"
-    for key, value in arrays.items():
-        if key.startswith(head):
-            name, which = key[len(head):].rsplit("/", 1)
-            pairs.setdefault(name, [None, None])[0 if which == "B" else 1] = torch.from_numpy(np.array(value))
-    return {name: (B, A) for name, (B, A) in pairs.items()}
+    return unflatten_factors(prefix, arrays, _to_torch)
 
 
 def tensors_to_arrays(prefix: str, tensors) -> dict[str, np.ndarray]:
-    return {f"{prefix}/{name}": t.detach().float().cpu().contiguous().numpy() for name, t in tensors.items()}
+    return {f"{prefix}/{name}": _to_numpy(t) for name, t in tensors.items()}
 
 
 def arrays_to_tensors(prefix: str, arrays: Mapping[str, np.ndarray]) -> dict:
-    import torch
-
     head = prefix + "/"
-    return {k[len(head):]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith(head)}
+    return {k[len(head):]: _to_torch(v) for k, v in arrays.items() if k.startswith(head)}
 
 
 def update_to_arrays(index: int, update, extras) -> dict[str, np.ndarray]:
@@ -67,3 +71,35 @@ def arrays_to_update(index: int, arrays: Mapping[str, np.ndarray]):
 def raw_bytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Payload bytes of the arrays alone (no keys, no headers)."""
     return int(sum(np.asarray(a).nbytes for a in arrays.values()))
+
+
+def to_arrays(record: ArrayRecord | None) -> dict[str, np.ndarray]:
+    return {} if record is None else {k: v.numpy() for k, v in record.items()}
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def reply_content(metrics: Mapping, upload: Mapping[str, np.ndarray]) -> RecordDict:
+    """A client's reply: numbers as ``metrics``, anything else (None, lists, dicts) as JSON ``details``."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    details = {k: v for k, v in metrics.items() if k not in numbers}
+    return RecordDict({"metrics": MetricRecord(numbers), "upload": to_record(upload),
+                       "details": ConfigRecord({"json": json.dumps(details)})})
+
+
+def result_from_reply(arrays: Mapping[str, np.ndarray], content: RecordDict) -> dict:
+    """A training reply as the round loop's client result (``FederatedTrainer.train_client_round``'s keys)."""
+    metrics = content["metrics"]
+    details = json.loads(str(content["details"]["json"])) if "details" in content else {}
+    return {
+        "upload": arrays_to_factors("lora", arrays),
+        "extras": arrays_to_tensors("extra", arrays),
+        "num_examples": int(metrics["num_examples"]),
+        "train_loss": float(metrics["train_loss"]),
+        "train_time_s": float(metrics["train_time_s"]),
+        "strategy_overhead_s": float(metrics["strategy_overhead_s"]),
+        "first_loss": details.get("first_loss"),
+        "strategy_metrics": details.get("strategy_metrics", {}),
+    }

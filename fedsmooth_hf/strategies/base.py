@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..factor_keys import flatten_factors, unflatten_factors
 from ..lowrank import stack_factors
+
+__all__ = ["ClientStart", "ServerUpdate", "FederatedStrategy", "GlobalAdapterStrategy", "flatten_factors",
+           "unflatten_factors", "normalize_weights", "check_upload", "weighted_factor_mean", "product_sum",
+           "truncated_product_mean"]
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 ModuleFactors = dict[str, Factors]
@@ -184,8 +189,17 @@ class FederatedStrategy:
         """Called once before the clients of round ``round_idx`` (0-based) start."""
         self.round = round_idx
 
-    def round_metrics(self) -> dict[str, float]:
-        """Figures of the round just run, for its record (e.g. the Round-Matching weight); none by default."""
+    def client_metrics(self, client: int) -> dict:
+        """Figures of ``client``'s start in this round (plain lists and numbers), sent with its upload
+        so the server's :meth:`round_metrics` sees every client wherever it trained; none by default."""
+        return {}
+
+    def round_metrics(self, client_metrics: Mapping[int, dict] | None = None) -> dict[str, float]:
+        """Figures of the round just run, for its record (e.g. the Round-Matching weight); none by default.
+
+        ``client_metrics``: every uploading client's :meth:`client_metrics`; None: the clients
+        this instance started itself in the round.
+        """
         return {}
 
     # -- client side -----------------------------------------------------------------
@@ -250,30 +264,26 @@ class FederatedStrategy:
         """Hyper-parameters for logs, checkpoints and model cards."""
         return {"strategy": self.name, "rank": self.rank, "num_rounds": self.num_rounds}
 
+    def check_layer_shapes(self, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """One clear error for a layer ``name -> (d_out, d_in)`` too small for this algorithm's rank."""
+        for name, (d_out, d_in) in shapes.items():
+            if self.rank > min(d_out, d_in):
+                raise ValueError(
+                    f"lora_r={self.rank} is too large for layer '{name}' ({d_out}x{d_in}): "
+                    f"lora_r must be <= {min(d_out, d_in)}"
+                )
+
+    def card_fields(self, options: Mapping) -> dict:
+        """Rows for the model card: ``strategy`` and the options in force that shape this algorithm.
+
+        ``options``: the run's ``FederatedArguments`` as a dict (options the trainer applies on
+        the strategy's behalf, such as ``ga_samples``, are read from it).
+        """
+        return {"strategy": self.name}
+
     def summary(self) -> str:
         """:meth:`describe` on one line, for run summaries: the values in force, defaults resolved."""
         return ", ".join(f"{k}={v}" for k, v in self.describe().items())
-
-
-def flatten_factors(prefix: str, factors: Mapping[str, Factors]) -> dict[str, torch.Tensor]:
-    """``{prefix/name/B: B, prefix/name/A: A}`` for safetensors checkpoints."""
-    out = {}
-    for name, (B, A) in factors.items():
-        out[f"{prefix}/{name}/B"] = B.contiguous()
-        out[f"{prefix}/{name}/A"] = A.contiguous()
-    return out
-
-
-def unflatten_factors(prefix: str, state: Mapping[str, torch.Tensor]) -> ModuleFactors:
-    """Inverse of :func:`flatten_factors` for one prefix."""
-    out: dict[str, list] = {}
-    head = prefix + "/"
-    for key, t in state.items():
-        if not key.startswith(head):
-            continue
-        name, which = key[len(head) :].rsplit("/", 1)
-        out.setdefault(name, [None, None])[0 if which == "B" else 1] = t
-    return {n: (pair[0], pair[1]) for n, pair in out.items()}
 
 
 class GlobalAdapterStrategy(FederatedStrategy):

@@ -31,8 +31,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..gradient_aligned import client_init_factors
 from ..gradients import GA_ESTIMATORS
-from ..lora_init import client_init_factors
 from ..lowrank import factored_norm, stack_factors, truncated_svd
 from .base import (
     ClientStart,
@@ -151,16 +151,20 @@ class FedSmoothLoRA(FederatedStrategy):
         self._server: ModuleFactors | None = None
         self._merged: dict[int, ModuleFactors] = {}  # aggregates by round, since the stalest upload (continuity)
         self._offsets: dict[int, ModuleFactors | None] = {}  # frozen offsets, between client_start and upload
-        self._rm_kept: list[float] = []  # this round's share of W_rm each client start kept, per layer
+        self._rm_kept: dict[int, list[float]] = {}  # this round's share of W_rm kept, per client and layer
 
     def current_zeta(self) -> float:
         return zeta_schedule(self.round, self.num_rounds, self.zeta, self.zeta_mode, self.min_zeta)
 
     def begin_round(self, round_idx: int) -> None:
         super().begin_round(round_idx)
-        self._rm_kept = []
+        self._rm_kept = {}
 
-    def round_metrics(self) -> dict[str, float]:
+    def client_metrics(self, client: int) -> dict:
+        """``rm_kept``: per layer, the share of ``W_rm`` this client's start kept (see :meth:`round_metrics`)."""
+        return {"rm_kept": list(self._rm_kept.get(client, []))}
+
+    def round_metrics(self, client_metrics: Mapping[int, dict] | None = None) -> dict[str, float]:
         """``zeta`` of the round and, when clients were matched, ``rm_kept_median``.
 
         ``rm_kept = 1 - ||start - W_rm|| / ||W_rm||`` per layer, with ``start`` the displacement the
@@ -168,8 +172,11 @@ class FedSmoothLoRA(FederatedStrategy):
         starts exactly at ``W + s W_rm``; lower when the truncation drops part of ``W_rm`` (rank 2r).
         """
         out = {"zeta": float(self.current_zeta())}
-        if self._rm_kept:
-            out["rm_kept_median"] = float(torch.tensor(self._rm_kept).median())
+        if client_metrics is None:
+            client_metrics = {c: self.client_metrics(c) for c in self._rm_kept}
+        kept = [v for m in client_metrics.values() for v in m.get("rm_kept", [])]
+        if kept:
+            out["rm_kept_median"] = float(torch.tensor(kept).median())
         return out
 
     def round_matching(self, client: int) -> ModuleFactors | None:
@@ -221,6 +228,7 @@ class FedSmoothLoRA(FederatedStrategy):
             raise ValueError(f"no gradient was estimated for modules {missing[:5]}")
         rm = self.round_matching(client)
         lora, offsets = {}, {}
+        kept = self._rm_kept[client] = []
         for name in self.init_lora:
             if rm is not None and self.exact_round_matching:
                 # LoRA at the GA factors; the whole W_rm in the frozen offset, nothing truncated
@@ -228,13 +236,13 @@ class FedSmoothLoRA(FederatedStrategy):
                 B_rm, A_rm = (t.to(device=B_ga.device, dtype=B_ga.dtype) for t in rm[name])
                 lora[name] = (B_ga.clone(), A_ga.clone())
                 offsets[name] = (torch.cat([-B_ga, B_rm], dim=1), torch.cat([A_ga, A_rm], dim=0))
-                self._rm_kept.append(1.0)
+                kept.append(1.0)
                 continue
             (B, A), (B_ga, A_ga) = client_init_factors(
                 grads[name], self.rank, self.gamma, None if rm is None else rm[name]
             )
             if rm is not None:
-                self._rm_kept.append(_share_kept(B, A, B_ga, A_ga, rm[name]))
+                kept.append(_share_kept(B, A, B_ga, A_ga, rm[name]))
             lora[name] = (B, A)
             offsets[name] = (-B_ga, A_ga)
         # the upload is the change relative to W: trained adapter + frozen offset
@@ -320,6 +328,29 @@ class FedSmoothLoRA(FederatedStrategy):
             for up in self._client_uploads.values()
             for B, A in up.values()
         )
+
+    def check_layer_shapes(self, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """The Gradient-Aligned start takes singular directions r..2r: every layer needs 2r <= min(d_out, d_in)."""
+        if not self.needs_gradient:
+            return super().check_layer_shapes(shapes)
+        for name, (d_out, d_in) in shapes.items():
+            if 2 * self.rank > min(d_out, d_in):
+                raise ValueError(
+                    f"lora_r={self.rank} is too large for layer '{name}' ({d_out}x{d_in}): "
+                    f"2 * lora_r must be <= {min(d_out, d_in)}"
+                )
+
+    def card_fields(self, options: Mapping) -> dict:
+        """The GA and Round-Matching options in force; ``zeta_mode`` says when ``auto`` chose it."""
+        zeta_mode = self.zeta_mode
+        if self.requested_zeta_mode != zeta_mode:
+            zeta_mode = f"{zeta_mode} (zeta_mode={self.requested_zeta_mode})"
+        fields = {"strategy": self.name}
+        if self.needs_gradient:
+            fields["ga_samples"] = options.get("ga_samples")
+        fields.update(gamma=self.gamma, zeta=self.zeta, zeta_mode=zeta_mode, min_zeta=self.min_zeta,
+                      stale_round_matching=self.stale_round_matching)
+        return fields
 
     def describe(self) -> dict:
         return {

@@ -1,0 +1,260 @@
+"""The federated round, written once for every way a federation runs.
+
+One round: sample clients, run them (an executor), aggregate their uploads with the
+strategy, merge the aggregate into the base, evaluate and checkpoint when the
+schedule says so, and fire the round events. ``FederatedTrainer.train()`` runs it
+with a :class:`SequentialExecutor` (clients one after another, each local round
+data-parallel over the processes) or a :class:`ClientParallelExecutor` (one client
+per process); the Flower ServerApp runs the same loop with its own executor
+(``fedsmooth_hf.flower.server.FlowerExecutor``), which sends the clients Grid messages.
+So every way of running produces the same round records, logs and callbacks.
+
+The loop talks to the trainer only through its public methods and steers like
+``transformers.Trainer``: round events receive a :class:`~transformers.TrainerControl`
+and may return it; ``should_evaluate``/``should_save`` (set by the schedule,
+:class:`~fedsmooth_hf.callbacks.FederatedFlowCallback`, or any callback) are read
+after the round's merge, ``should_training_stop`` after its ``on_round_end``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+from transformers import TrainerControl
+
+from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback
+from .distributed import all_gather_objects, single_process_view, world
+from .executor import CLIENT_FIGURES, ClientExecutor, ClientTrainingError
+from .lowrank import factored_norm
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["sample_clients", "round_learning_rate", "ClientTrainingError", "ClientExecutor", "SequentialExecutor", "ClientParallelExecutor", "RoundEngine"]
+
+def sample_clients(fed_args, seed: int, round_idx: int) -> list[int]:
+    """Clients of round ``round_idx`` (0-based): a seeded draw that depends only on (seed, round)."""
+    fa = fed_args
+    if fa.clients_per_round == fa.num_clients:
+        return list(range(fa.num_clients))
+    rng = np.random.default_rng([seed, round_idx])
+    return sorted(int(c) for c in rng.choice(fa.num_clients, fa.clients_per_round, replace=False))
+
+
+def round_learning_rate(fed_args, learning_rate: float, round_idx: int) -> float:
+    """The local rounds' learning rate in round ``round_idx``: constant, or cosine to ``round_min_lr``."""
+    fa = fed_args
+    if fa.round_lr_schedule == "constant":
+        return learning_rate
+    lo = fa.round_min_lr
+    return lo + 0.5 * (learning_rate - lo) * (1 + math.cos(math.pi * round_idx / fa.num_rounds))
+
+
+def _client_failure(number: int, client: int, err: Exception) -> ClientTrainingError:
+    return err if isinstance(err, ClientTrainingError) else ClientTrainingError(number, client, repr(err))
+
+
+class SequentialExecutor(ClientExecutor):
+    """One client after another in this process group (each local round may be data-parallel)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def _run_one(self, round_idx: int, client: int, learning_rate: float, extras, ignore_keys) -> dict:
+        return self.trainer.train_client_round(round_idx, client, ignore_keys, learning_rate=learning_rate,
+                                               extras=extras)
+
+    def run(self, engine, round_idx, clients, learning_rate):
+        number, trainer = round_idx + 1, self.trainer
+        global_extras = trainer.extra_parameters()
+        outcomes = {}
+        for client in clients:
+            engine.client_event("on_client_begin", number, client)
+            try:
+                outcomes[client] = self._run_one(round_idx, client, learning_rate, global_extras, engine.ignore_keys)
+            except Exception as err:  # noqa: BLE001 - the failure policy decides
+                error = _client_failure(number, client, err)
+                if trainer.fed_args.on_client_failure == "raise":
+                    raise error from err
+                outcomes[client] = error
+            engine.client_event("on_client_end", number, client, outcomes[client])
+        return outcomes
+
+
+class ClientParallelExecutor(SequentialExecutor):
+    """Process ``r`` trains ``clients[r::world]`` on its own; the results are exchanged, so every
+    rank aggregates the same uploads in the same order."""
+
+    @staticmethod
+    def check(trainer) -> None:
+        """``FederatedArguments.client_parallel`` is refused where one client already spans the processes."""
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+            raise ValueError(
+                "FederatedArguments.client_parallel=True trains one client per process and cannot be combined "
+                "with DeepSpeed or FSDP (they split one client's training over the processes); drop one of them"
+            )
+
+    def run(self, engine, round_idx, clients, learning_rate):
+        number, trainer = round_idx + 1, self.trainer
+        rank, size = world()
+        global_extras = trainer.extra_parameters()
+        local = {}
+        for client in clients[rank::size]:
+            engine.client_event("on_client_begin", number, client)
+            try:
+                with single_process_view():
+                    local[client] = self._run_one(round_idx, client, learning_rate, global_extras, engine.ignore_keys)
+            except Exception as err:  # noqa: BLE001 - raised below, on every rank, once all have reported
+                local[client] = _client_failure(number, client, err)
+        outcomes = {}
+        for part in all_gather_objects(local):
+            outcomes.update(part)
+        for client in clients:
+            result = outcomes[client]
+            if client not in local and not isinstance(result, ClientTrainingError):
+                trainer.strategy.remember_upload(client, result["upload"])
+            engine.client_event("on_client_end", number, client, result)
+        if trainer.fed_args.on_client_failure == "raise":
+            for client in clients:
+                if isinstance(outcomes[client], ClientTrainingError):
+                    raise outcomes[client]
+        return outcomes
+
+
+class RoundEngine:
+    """The round loop over a trainer (the global model and its strategy) and a :class:`ClientExecutor`."""
+
+    def __init__(self, trainer, executor: ClientExecutor, ignore_keys_for_eval=None):
+        self.trainer = trainer
+        self.executor = executor
+        self.ignore_keys = ignore_keys_for_eval
+        self.control = TrainerControl()
+
+    # ------------------------------------------------------------------ events
+    def fire(self, event: str, **kwargs) -> TrainerControl:
+        """Call ``event`` on every :class:`FederatedCallback`; a callback may return a new control."""
+        assert event in ROUND_EVENTS
+        t = self.trainer
+        for cb in t.callback_handler.callbacks:
+            if isinstance(cb, FederatedCallback):
+                result = getattr(cb, event)(t.args, t.state, self.control, eval_dataset=t.eval_dataset, **kwargs)
+                if result is not None:
+                    self.control = result
+        return self.control
+
+    def client_event(self, event: str, number: int, client: int, result=None) -> None:
+        """``on_client_begin`` (``result`` None) or ``on_client_end`` with the client's figures."""
+        if event == "on_client_begin":
+            self.fire(event, round=number, client=client)
+            return
+        if isinstance(result, ClientTrainingError):
+            metrics = {"failed": result.reason}
+        else:
+            metrics = {"train_loss": result["train_loss"], **{k: result[k] for k in CLIENT_FIGURES}}
+        self.fire(event, round=number, client=client, metrics=metrics)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, start_round: int = 0) -> int:
+        """Rounds ``start_round + 1 .. num_rounds``; returns the number of completed rounds."""
+        t, fa = self.trainer, self.trainer.fed_args
+        progress = None
+        if not t.args.disable_tqdm:
+            progress = FederatedProgressCallback(fa.num_rounds * fa.clients_per_round,
+                                                 initial=start_round * fa.clients_per_round)
+            t.add_callback(progress)
+        # Trainer runs a full gc.collect() at every local round; freezing the long-lived
+        # objects (imports, datasets, model) keeps that from costing ~0.3 s per client round.
+        gc.collect()
+        gc.freeze()
+        try:
+            return self._run(start_round)
+        finally:
+            if progress is not None:
+                progress.close()
+                t.remove_callback(progress)
+            gc.unfreeze()
+
+    def _run(self, start_round: int) -> int:
+        t = self.trainer
+        self.executor.start(self, start_round)
+        self.fire("on_federation_begin", round=start_round)
+        if self.control.should_evaluate:
+            record = {"round": start_round, **self._evaluate(start_round)}
+            t.round_history.append(record)
+            self.fire("on_round_end", round=start_round, metrics=record)
+        done = start_round
+        for round_idx in range(start_round, t.fed_args.num_rounds):
+            if self.control.should_training_stop:
+                break
+            self.run_round(round_idx)
+            done = round_idx + 1
+        self.executor.finish()
+        return done
+
+    def run_round(self, round_idx: int) -> dict:
+        """One round; returns (and appends to ``trainer.round_history``) its record."""
+        t = self.trainer
+        number = round_idx + 1
+        t0 = time.perf_counter()
+        t.strategy.begin_round(round_idx)
+        clients = t.sample_clients(round_idx)
+        lr = t.round_learning_rate(round_idx)
+        self.control.should_evaluate = self.control.should_save = False
+        self.fire("on_round_begin", round=number, clients=clients)
+        outcomes = self.executor.run(self, round_idx, clients, lr)
+        t.round_context = (number, None)
+        ok = {c: r for c, r in outcomes.items() if not isinstance(r, ClientTrainingError)}
+        failed = {c: r.reason for c, r in outcomes.items() if isinstance(r, ClientTrainingError)}
+        for c, reason in failed.items():
+            logger.warning("skipping round %d, client %d: %s", number, c, reason)
+        if not ok:
+            raise ClientTrainingError(number, None, f"every sampled client failed: {failed}")
+        uploads = {c: ok[c]["upload"] for c in clients if c in ok}
+        weights = {c: float(ok[c]["num_examples"]) for c in uploads}
+        total = sum(weights.values())
+        update = t.strategy.aggregate(uploads, weights)
+        extras = self._mean_extras(ok, weights, total)
+        t.apply_server_update(update, extras)
+        self.executor.server_update(round_idx, update, extras)
+        record = {
+            "round": number,
+            "clients": clients,
+            "learning_rate": lr,
+            "train_loss": float(sum(weights[c] * ok[c]["train_loss"] for c in uploads) / total),
+            "client_train_loss": {str(c): ok[c]["train_loss"] for c in uploads},
+            "client_first_loss": {str(c): ok[c]["first_loss"] for c in uploads},
+            "strategy_overhead_s": float(sum(ok[c]["strategy_overhead_s"] for c in uploads)),
+            "local_train_time_s": float(sum(ok[c]["train_time_s"] for c in uploads)),
+            "merge_norm": float(
+                math.sqrt(sum(factored_norm([B], [A]) ** 2 for B, A in update.merge.values()))
+            ) if update.merge else 0.0,
+            "failed_clients": {str(c): r for c, r in failed.items()},
+            **self.executor.round_record(),
+        }
+        record.update(t.strategy.round_metrics({c: ok[c]["strategy_metrics"] for c in uploads}))
+        if self.control.should_evaluate:
+            record.update(self._evaluate(number))
+        record["round_time_s"] = time.perf_counter() - t0
+        t.round_history.append(record)
+        t.log({"train_loss": record["train_loss"], "merge_norm": record["merge_norm"]})
+        self.fire("on_round_end", round=number, metrics=record)
+        if self.control.should_save:
+            t.save_federated_checkpoint(number)
+        return record
+
+    @staticmethod
+    def _mean_extras(results: dict, weights: dict, total: float) -> dict[str, torch.Tensor] | None:
+        """Example-weighted mean of the clients' ``modules_to_save`` values (None without any)."""
+        sums: dict[str, torch.Tensor] = {}
+        for c, w in weights.items():
+            for k, v in results[c]["extras"].items():
+                sums[k] = sums.get(k, 0) + w * v
+        return {k: v / total for k, v in sums.items()} if sums else None
+
+    def _evaluate(self, number: int) -> dict[str, float]:
+        self.trainer.round_context = (number, None)
+        return self.trainer.evaluate_global(ignore_keys=self.ignore_keys)
