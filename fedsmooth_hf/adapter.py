@@ -31,6 +31,8 @@ __all__ = [
     "set_offsets",
     "clear_offsets",
     "apply_client_start",
+    "copy_parameters",
+    "set_parameters",
 ]
 
 Factors = tuple[torch.Tensor, torch.Tensor]
@@ -186,3 +188,17 @@ def apply_client_start(
     for layer in layers.values():
         layer.lora_A[adapter_name].weight.requires_grad_(train_A)
         layer.lora_B[adapter_name].weight.requires_grad_(train_B)
+
+
+def copy_parameters(model: nn.Module, names) -> dict[str, torch.Tensor]:
+    """fp32 CPU copies of the named parameters (the fully trained ``modules_to_save``)."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().float().cpu().clone() for n in names}
+
+
+@torch.no_grad()
+def set_parameters(model: nn.Module, values: Mapping[str, torch.Tensor]) -> None:
+    """Write ``name -> value`` into the model's parameters in place."""
+    params = dict(model.named_parameters())
+    for n, v in values.items():
+        params[n].copy_(v)

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 from .gradients import GA_ESTIMATORS
 from .partition import PARTITION_METHODS
-from .strategies import available_strategies
-from .strategies.fedsmoothlora import STALE_ROUND_MATCHING, ZETA_MODES
+from .strategies import available_strategies, strategy_from_options
+from .strategies.base import StrategyOptionError
 from .strategies.registry import strategy_class
 
 ROUND_LR_SCHEDULES = ("constant", "cosine")
@@ -59,14 +59,14 @@ class FederatedArguments:
     zeta: float = field(default=1.0, metadata={"help": "Round-Matching weight zeta (0 disables Round-Matching)."})
     zeta_mode: str = field(
         default="auto",
-        metadata={"help": f"Round-Matching schedule over rounds: one of {ZETA_MODES}. auto: constant for an IID "
-                          "partition, cosine (to min_zeta) for any other split or user-given client_datasets."},
+        metadata={"help": "FedSmoothLoRA: Round-Matching schedule over rounds, auto, constant or cosine. auto: constant "
+                          "for an IID partition, cosine (to min_zeta) for any other split or user-given client_datasets."},
     )
     min_zeta: float = field(default=0.0, metadata={"help": "Final zeta of the cosine schedule."})
     stale_round_matching: str = field(
         default="continuity",
-        metadata={"help": f"Start of a client whose last round was not the previous one: one of "
-                          f"{STALE_ROUND_MATCHING} (docs/method.md, partial participation)."},
+        metadata={"help": "FedSmoothLoRA: start of a client whose last round was not the previous one: continuity, "
+                          "reset or paper (docs/method.md, partial participation)."},
     )
     exact_round_matching: bool = field(
         default=False,
@@ -131,16 +131,12 @@ class FederatedArguments:
             bad("lora_alpha", "must be > 0")
         if not 0 <= self.lora_dropout < 1:
             bad("lora_dropout", "must be in [0, 1)")
-        if strategy_class(self.strategy).needs_gradient and self.ga_samples < 1:
+        try:  # the strategy checks its own options (once, in its constructor)
+            strategy = strategy_from_options(self.strategy, self.strategy_options())
+        except StrategyOptionError as err:
+            bad(err.option, str(err))
+        if strategy.needs_gradient and self.ga_samples < 1:
             bad("ga_samples", f"strategy '{self.strategy}' estimates gradients and needs ga_samples >= 1")
-        if self.gamma <= 0:
-            bad("gamma", "must be > 0")
-        if self.ga_estimator not in GA_ESTIMATORS:
-            bad("ga_estimator", f"must be one of {GA_ESTIMATORS}")
-        if self.zeta_mode not in ZETA_MODES:
-            bad("zeta_mode", f"must be one of {ZETA_MODES}")
-        if self.stale_round_matching not in STALE_ROUND_MATCHING:
-            bad("stale_round_matching", f"must be one of {STALE_ROUND_MATCHING}")
         if self.round_lr_schedule not in ROUND_LR_SCHEDULES:
             bad("round_lr_schedule", f"must be one of {ROUND_LR_SCHEDULES}")
         if self.round_min_lr < 0:

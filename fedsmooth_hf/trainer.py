@@ -31,11 +31,13 @@ from .adapter import (
     add_lora,
     apply_client_start,
     clear_offsets,
+    copy_parameters,
     find_target_modules,
     get_lora_factors,
     lora_layers,
     set_lora_factors,
     set_offsets,
+    set_parameters,
 )
 from .arguments import FederatedArguments
 from .callbacks import FederatedFlowCallback
@@ -204,14 +206,7 @@ class FederatedTrainer(Trainer):
 
     def extra_parameters(self) -> dict[str, torch.Tensor]:
         """CPU copies of the fully trained parameters (``modules_to_save``), which are averaged, not factored."""
-        params = dict(self.model.named_parameters())
-        return {n: params[n].detach().float().cpu().clone() for n in self._extra_names}
-
-    @torch.no_grad()
-    def _set_extras(self, values: dict[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters())
-        for n, v in values.items():
-            params[n].copy_(v)
+        return copy_parameters(self.model, self._extra_names)
 
     # ------------------------------------------------------------------ Trainer hooks
     def is_world_process_zero(self) -> bool:
@@ -327,15 +322,10 @@ class FederatedTrainer(Trainer):
     # ------------------------------------------------------------------ one client, one server step
     def train_client_round(self, round_idx: int, client: int, ignore_keys_for_eval=None,
                            learning_rate: float | None = None, extras: dict | None = None) -> dict:
-        """Run client ``client``'s local round ``round_idx`` (0-based); return its upload and figures.
-
-        What every executor runs for a sampled client (gradient estimate, strategy start,
-        Trainer inner loop, upload), in-process or on a federation node; same seed, same
-        result. ``learning_rate`` defaults to :meth:`round_learning_rate`; ``extras``: the
-        global ``modules_to_save`` values to start from (the previous client changed them).
-        Returns ``upload``, ``extras`` (trained ``modules_to_save``), ``num_examples``,
-        ``train_loss``, ``first_loss``, timings and ``strategy_metrics``.
-        """
+        """Client ``client``'s local round ``round_idx`` (0-based): gradient estimate, strategy start,
+        Trainer inner loop, upload. What every executor runs, in-process or on a federation node (same
+        seed, same result). ``extras``: the global ``modules_to_save`` values to start from.
+        Returns ``upload``, ``extras``, ``num_examples``, losses, timings and ``strategy_metrics``."""
         if self.strategy.round != round_idx:  # a node's round: in-process the round loop began it
             self.strategy.begin_round(round_idx)
         outer = self.round_context
@@ -343,7 +333,7 @@ class FederatedTrainer(Trainer):
         try:
             if extras is not None:
                 with self._gathered(modify=True):
-                    self._set_extras(extras)
+                    set_parameters(self.model, extras)
             lr = self.round_learning_rate(round_idx) if learning_rate is None else learning_rate
             return self._train_client(round_idx, client, lr, ignore_keys_for_eval)
         finally:
@@ -361,16 +351,13 @@ class FederatedTrainer(Trainer):
             merge_into_base(self.layers, update.merge, ADAPTER)
             self.strategy.receive_update(update)
             if extras:
-                self._set_extras(extras)
+                set_parameters(self.model, extras)
             self.load_global_adapter()
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
               executor: ClientExecutor | None = None, **kwargs):
-        """Run the federated rounds (:class:`~fedsmooth_hf.rounds.RoundEngine`).
-
-        ``resume_from_checkpoint`` continues after a saved round; ``executor`` runs each
-        round's clients (default: one after another, or one per process with ``client_parallel``).
-        """
+        """Run the federated rounds (:class:`~fedsmooth_hf.rounds.RoundEngine`); ``resume_from_checkpoint``
+        continues after a saved round; ``executor`` runs each round's clients (default: sequential or client-parallel)."""
         start_round = 0
         if resume_from_checkpoint:
             path = latest_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
@@ -397,16 +384,9 @@ class FederatedTrainer(Trainer):
             tensors = model_tensors(self.layers, self.extra_parameters())
         if not self.args.should_save:
             return None
-        state = {
-            "fed_args": self.fed_args.to_dict(),
-            "seed": self.args.seed,
-            "strategy": self.strategy.describe(),
-            "round_history": self.round_history,
-            "step_offset": self._step_offset,
-            "rng": rng_state(),
-        }
-        return save_checkpoint(self.args.output_dir, round_number, tensors,
-                               self.strategy.state_dict(), state)
+        state = {"fed_args": self.fed_args.to_dict(), "seed": self.args.seed, "strategy": self.strategy.describe(),
+                 "round_history": self.round_history, "step_offset": self._step_offset, "rng": rng_state()}
+        return save_checkpoint(self.args.output_dir, round_number, tensors, self.strategy.state_dict(), state)
 
     @torch.no_grad()
     def load_federated_checkpoint(self, path) -> int:
@@ -417,7 +397,7 @@ class FederatedTrainer(Trainer):
             check_model_checkpoint(path, tensors, self.layers, self.extra_parameters())
             check_strategy_tensors(path, strategy_tensors, self.strategy)
             restore_rng_state(path, state)
-            self._set_extras(restore_model_tensors(self.layers, tensors))
+            set_parameters(self.model, restore_model_tensors(self.layers, tensors))
             self.strategy.load_state_dict(strategy_tensors)
             self.round_history = list(state.get("round_history", []))
             self._step_offset = int(state.get("step_offset", 0))

@@ -97,3 +97,14 @@ def save_tiny_llama_checkpoint(path, vocab_from_smollm2: bool = True):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def make_trainer(tmp_path):
+    """Builds tiny trainers (``tests/support/trainers.tiny_trainer``); the output dir defaults to ``tmp_path``."""
+    from support.trainers import tiny_trainer
+
+    def make(output_dir=None, **kwargs):
+        return tiny_trainer(tmp_path if output_dir is None else output_dir, **kwargs)
+
+    return make

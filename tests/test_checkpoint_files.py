@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_counting_dataset, make_tiny_llama
+from conftest import make_counting_dataset
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import TrainingArguments
+from support.trainers import tiny_trainer
 
-from fedsmooth_hf import FederatedArguments, FederatedTrainer
 from fedsmooth_hf.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
@@ -37,11 +36,9 @@ L1 = "base_model.model.model.layers.1.mlp.down_proj"
 
 
 def _trainer(output_dir, seed=42):
-    args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=8, learning_rate=5e-3,
-                             report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", seed=seed)
-    fed = FederatedArguments(strategy="fedsmoothlora", num_clients=3, clients_per_round=2, num_rounds=1,
-                             local_steps=1, lora_r=4, lora_alpha=8, ga_samples=8, ga_batch_size=8)
-    return FederatedTrainer(model=make_tiny_llama(), args=args, fed_args=fed, train_dataset=make_counting_dataset(48))
+    fed = {"strategy": "fedsmoothlora", "num_clients": 3, "clients_per_round": 2, "num_rounds": 1, "local_steps": 1,
+           "ga_samples": 8}
+    return tiny_trainer(output_dir, fed=fed, train=make_counting_dataset(48), seed=seed)
 
 
 @pytest.fixture(scope="module")

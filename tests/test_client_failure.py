@@ -10,11 +10,11 @@ import logging
 
 import pytest
 import torch
-from conftest import make_counting_dataset, make_tiny_llama
-from transformers import TrainerCallback, TrainingArguments
+from conftest import make_counting_dataset
+from support.trainers import tiny_trainer
+from transformers import TrainerCallback
 
-from fedsmooth_hf import FederatedArguments, FederatedTrainer
-from fedsmooth_hf.lora_init import lora_scaling
+from fedsmooth_hf.adapter import lora_scaling
 from fedsmooth_hf.trainer import ClientTrainingError
 
 SIZES = (16, 24, 32, 40)
@@ -26,11 +26,9 @@ def _trainer(tmp_path, strategy="fedsmoothlora", policy="raise", num_rounds=1):
     data = make_counting_dataset(sum(SIZES))
     bounds = [sum(SIZES[:i]) for i in range(len(SIZES) + 1)]
     clients = [data.select(range(bounds[i], bounds[i + 1])) for i in range(len(SIZES))]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=5e-3,
-                             report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no")
-    fed = FederatedArguments(strategy=strategy, num_clients=len(SIZES), num_rounds=num_rounds, local_steps=2,
-                             lora_r=RANK, lora_alpha=8, ga_samples=16, ga_batch_size=8, on_client_failure=policy)
-    return FederatedTrainer(model=make_tiny_llama(), args=args, fed_args=fed, client_datasets=clients)
+    fed = {"strategy": strategy, "num_clients": len(SIZES), "num_rounds": num_rounds, "local_steps": 2, "lora_r": RANK,
+           "on_client_failure": policy}
+    return tiny_trainer(tmp_path, fed=fed, client_datasets=clients)
 
 
 class _Fail(TrainerCallback):

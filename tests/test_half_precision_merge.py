@@ -3,10 +3,9 @@
 import torch
 from conftest import make_counting_dataset, make_tiny_llama
 from peft import LoraConfig, get_peft_model
-from transformers import TrainingArguments
+from support.trainers import tiny_trainer
 
-from fedsmooth_hf import FederatedArguments, FederatedTrainer
-from fedsmooth_hf.lora_init import lora_layers, lora_scaling
+from fedsmooth_hf.adapter import lora_layers, lora_scaling
 from fedsmooth_hf.merge import base_residual, dense_base_weight, keeps_residual, merge_into_base
 
 
@@ -40,12 +39,10 @@ def test_small_updates_into_a_bf16_base_are_kept_exactly():
 
 
 def _trainer(out, **fed):
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, learning_rate=5e-3,
-                             report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", seed=3)
-    fa = FederatedArguments(strategy="fedsmoothlora", num_clients=3, num_rounds=2, local_steps=2, lora_r=4,
-                            lora_alpha=8, ga_samples=8, ga_batch_size=8, save_rounds=1, **fed)
-    return FederatedTrainer(model=make_tiny_llama().to(torch.bfloat16), args=args, fed_args=fa,
-                            train_dataset=make_counting_dataset(72), eval_dataset=make_counting_dataset(16, seed=1))
+    fa = {"strategy": "fedsmoothlora", "num_clients": 3, "num_rounds": 2, "local_steps": 2, "ga_samples": 8,
+          "save_rounds": 1, **fed}
+    return tiny_trainer(out, fed=fa, model=make_tiny_llama().to(torch.bfloat16), train=make_counting_dataset(72),
+                        eval_dataset=make_counting_dataset(16, seed=1), seed=3)
 
 
 def test_bf16_run_resumes_with_its_residual_and_exports_it(tmp_path):

@@ -4,15 +4,14 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from fedsmooth_hf.lora_init import (
+from fedsmooth_hf.adapter import (
     apply_client_start,
     clear_offsets,
-    client_init_factors,
     get_lora_factors,
-    gradient_aligned_factors,
     lora_layers,
     lora_scaling,
 )
+from fedsmooth_hf.gradient_aligned import client_init_factors, gradient_aligned_factors
 from fedsmooth_hf.merge import dense_base_weight
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

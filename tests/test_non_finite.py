@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_counting_dataset, make_tiny_llama
-from transformers import TrainingArguments
+from conftest import make_counting_dataset
+from support.trainers import tiny_trainer
 
 import fedsmooth_hf.trainer as trainer_module
-from fedsmooth_hf import FederatedArguments, FederatedTrainer
 from fedsmooth_hf.callbacks import FederatedCallback
 from fedsmooth_hf.merge import merge_into_base
 from fedsmooth_hf.trainer import ClientTrainingError
@@ -21,12 +20,9 @@ HOOKED_LAYER = "model.layers.0.self_attn.q_proj"
 
 
 def _trainer(tmp_path, strategy="fedsmoothlora", policy="raise", num_rounds=2, num_clients=3):
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=5e-3,
-                             report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no")
-    fed = FederatedArguments(strategy=strategy, num_clients=num_clients, num_rounds=num_rounds, local_steps=2,
-                             lora_r=4, lora_alpha=8, ga_samples=8, ga_batch_size=8, on_client_failure=policy)
-    return FederatedTrainer(model=make_tiny_llama(), args=args, fed_args=fed,
-                            train_dataset=make_counting_dataset(16 * num_clients))
+    fed = {"strategy": strategy, "num_clients": num_clients, "num_rounds": num_rounds, "local_steps": 2,
+           "ga_samples": 8, "on_client_failure": policy}
+    return tiny_trainer(tmp_path, fed=fed, train=make_counting_dataset(16 * num_clients))
 
 
 def _poison_gradient(trainer, where):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from fedsmooth_hf.gradient_aligned import gradient_aligned_factors
 from fedsmooth_hf.gradients import estimate_gradient_subspaces, estimate_weight_gradients
-from fedsmooth_hf.lora_init import gradient_aligned_factors
 from fedsmooth_hf.sketch import DenseGradient, SketchedGradient, TestMatrices, sketch_sizes
 
 R = 4  # LoRA rank: the GA start wants q = 2r directions

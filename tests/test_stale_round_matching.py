@@ -145,7 +145,7 @@ def test_zeta_mode_auto_resolves_by_split():
 
 def test_round_metrics_report_the_share_of_round_matching_kept():
     """rm_kept = 1 - ||SVD_r(B_ga A_ga + W_rm) - B_ga A_ga - W_rm|| / ||W_rm||, checked densely."""
-    from fedsmooth_hf.lora_init import gradient_aligned_factors
+    from fedsmooth_hf.gradient_aligned import gradient_aligned_factors
 
     strat = get_strategy("fedsmoothlora", rank=R, num_rounds=4, gamma=16.0, zeta=1.0, zeta_mode="constant")
     gen = torch.Generator().manual_seed(3)
@@ -174,7 +174,7 @@ def test_round_metrics_report_the_share_of_round_matching_kept():
 
 def test_exact_round_matching_starts_exactly_at_w_rm_and_uploads_the_change():
     """Variant: LoRA = GA factors, offset = -B_ga A_ga + W_rm; upload = SVD_r(B A - B_ga A_ga + W_rm)."""
-    from fedsmooth_hf.lora_init import gradient_aligned_factors
+    from fedsmooth_hf.gradient_aligned import gradient_aligned_factors
 
     strat = get_strategy("fedsmoothlora", rank=R, num_rounds=4, gamma=16.0, zeta=0.8, zeta_mode="constant",
                          exact_round_matching=True)

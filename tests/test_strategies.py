@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fedsmooth_hf.lora_init import gradient_aligned_factors
+from fedsmooth_hf.gradient_aligned import gradient_aligned_factors
 from fedsmooth_hf.strategies import available_strategies, get_strategy, strategy_from_options, zeta_schedule
 
 SHAPES = {"layer.a": (12, 20), "layer.b": (16, 10)}

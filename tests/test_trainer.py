@@ -7,35 +7,22 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_counting_dataset, make_tiny_llama
-from transformers import TrainingArguments
+from support.trainers import federated_args as _fed
+from support.trainers import tiny_trainer, training_args
 
 from fedsmooth_hf import FederatedArguments, FederatedTrainer
+from fedsmooth_hf.adapter import lora_scaling
 from fedsmooth_hf.callbacks import FederatedCallback
-from fedsmooth_hf.lora_init import lora_scaling
 from fedsmooth_hf.strategies import available_strategies
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=5e-3, report_to="none",
-                logging_steps=1, use_cpu=True, disable_tqdm=True, save_strategy="no")
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
-def _fed(**kw):
-    base = dict(num_clients=4, num_rounds=3, local_steps=4, lora_r=4, lora_alpha=8, ga_samples=16, ga_batch_size=8)
-    base.update(kw)
-    return FederatedArguments(**base)
+    return training_args(tmp_path, **{"logging_steps": 1, **kw})
 
 
 def _trainer(tmp_path, fed=None, model=None, train=None, **kw):
-    return FederatedTrainer(
-        model=model or make_tiny_llama(),
-        args=_args(tmp_path, **kw),
-        fed_args=fed or _fed(),
-        train_dataset=train if train is not None else make_counting_dataset(128),
-        eval_dataset=make_counting_dataset(32, seed=1),
-    )
+    return tiny_trainer(tmp_path, fed=fed, model=model, train=train, eval_dataset=make_counting_dataset(32, seed=1),
+                        **{"logging_steps": 1, **kw})
 
 
 def _base_weights(trainer):

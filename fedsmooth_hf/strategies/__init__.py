@@ -1,6 +1,8 @@
 """Federated LoRA algorithms behind one interface; a new algorithm is one new module here."""
 
-from . import fedex_lora, fedit, fedsmoothlora, ffa_lora, flexlora, frlora  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from .base import ClientStart, FederatedStrategy, GlobalAdapterStrategy, ServerUpdate
 from .fedex_lora import FedExLoRA
 from .fedit import FedIT
@@ -27,3 +29,7 @@ __all__ = [
     "strategy_from_options",
     "zeta_schedule",
 ]
+
+# every module here registers its algorithm on import: a new algorithm is one new file
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

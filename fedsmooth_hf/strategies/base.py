@@ -29,12 +29,20 @@ import torch
 from ..factor_keys import flatten_factors, unflatten_factors
 from ..lowrank import stack_factors
 
-__all__ = ["ClientStart", "ServerUpdate", "FederatedStrategy", "GlobalAdapterStrategy", "flatten_factors",
+__all__ = ["StrategyOptionError", "ClientStart", "ServerUpdate", "FederatedStrategy", "GlobalAdapterStrategy", "flatten_factors",
            "unflatten_factors", "normalize_weights", "check_upload", "weighted_factor_mean", "product_sum",
            "truncated_product_mean"]
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 ModuleFactors = dict[str, Factors]
+
+
+class StrategyOptionError(ValueError):
+    """An option a strategy was given is invalid; ``option`` names it (as ``FederatedArguments`` spells it)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
 
 
 @dataclass
@@ -170,9 +178,9 @@ class FederatedStrategy:
 
     def __init__(self, rank: int, num_rounds: int = 1):
         if rank < 1:
-            raise ValueError(f"lora_r must be >= 1, got {rank}")
+            raise StrategyOptionError("lora_r", f"lora_r must be >= 1, got {rank}")
         if num_rounds < 1:
-            raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+            raise StrategyOptionError("num_rounds", f"num_rounds must be >= 1, got {num_rounds}")
         self.rank = rank
         self.num_rounds = num_rounds
         self.round = 0

@@ -40,6 +40,7 @@ from .base import (
     FederatedStrategy,
     ModuleFactors,
     ServerUpdate,
+    StrategyOptionError,
     flatten_factors,
     truncated_product_mean,
     unflatten_factors,
@@ -57,7 +58,7 @@ def resolve_zeta_mode(mode: str, iid_data: bool | None) -> str:
     treated as non-IID: a decaying zeta is the safe choice there.
     """
     if mode not in ZETA_MODES:
-        raise ValueError(f"zeta_mode must be one of {ZETA_MODES}, got '{mode}'")
+        raise StrategyOptionError("zeta_mode", f"zeta_mode must be one of {ZETA_MODES}, got '{mode}'")
     if mode != "auto":
         return mode
     return "constant" if iid_data else "cosine"
@@ -127,12 +128,13 @@ class FedSmoothLoRA(FederatedStrategy):
     ):
         super().__init__(rank, num_rounds)
         if ga_estimator not in GA_ESTIMATORS:
-            raise ValueError(f"ga_estimator must be one of {GA_ESTIMATORS}, got '{ga_estimator}'")
+            raise StrategyOptionError("ga_estimator", f"ga_estimator must be one of {GA_ESTIMATORS}, got '{ga_estimator}'")
         if gamma <= 0:
-            raise ValueError(f"gamma must be > 0, got {gamma}")
+            raise StrategyOptionError("gamma", f"gamma must be > 0, got {gamma}")
         if stale_round_matching not in STALE_ROUND_MATCHING:
-            raise ValueError(
-                f"stale_round_matching must be one of {STALE_ROUND_MATCHING}, got '{stale_round_matching}'"
+            raise StrategyOptionError(
+                "stale_round_matching",
+                f"stale_round_matching must be one of {STALE_ROUND_MATCHING}, got '{stale_round_matching}'",
             )
         self.gamma = float(gamma)
         self.zeta = float(zeta)
@@ -140,7 +142,9 @@ class FedSmoothLoRA(FederatedStrategy):
         self.zeta_mode = resolve_zeta_mode(zeta_mode, iid_data)
         self.stale_round_matching = stale_round_matching
         if exact_round_matching and not ga_init:
-            raise ValueError("exact_round_matching keeps W_rm beside the Gradient-Aligned start: it needs ga_init=True")
+            raise StrategyOptionError("exact_round_matching",
+                                      "exact_round_matching keeps W_rm beside the Gradient-Aligned start: "
+                                      "it needs ga_init=True")
         self.exact_round_matching = bool(exact_round_matching)
         self.min_zeta = float(min_zeta)
         self.ga_init = bool(ga_init)

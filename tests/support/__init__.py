@@ -1,0 +1,1 @@
+"""Helpers the tests share: tiny trainers on the counting task (``trainers``)."""
