@@ -207,3 +207,25 @@ def test_fedsmoothlora_without_gradient_aligned_init_is_round_matching_only():
         w_rm = 0.5 * (_dense(up0[n]) - _dense(upd.merge[n]))
         torch.testing.assert_close(_dense(start1.lora[n]).double(), _best_rank_r(w_rm.double(), R),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_options_are_the_strategys_own():
+    """The strategy validates its options; FederatedArguments names the argument and reads needs_gradient
+    from the instance (ga_init=False estimates no gradient, so ga_samples=0 is fine)."""
+    from fedsmooth_hf import FederatedArguments
+    from fedsmooth_hf.hub import model_card
+
+    assert FederatedArguments(strategy="fedsmoothlora", ga_init=False, ga_samples=0).ga_samples == 0
+    with pytest.raises(ValueError, match="FederatedArguments.ga_samples=0"):
+        FederatedArguments(strategy="fedsmoothlora", ga_samples=0)
+    with pytest.raises(ValueError, match="FederatedArguments.gamma=0"):
+        FederatedArguments(gamma=0)
+    strat = strategy_from_options("fedsmoothlora", {"rank": R, "zeta_mode": "auto", "iid_data": False})
+    with pytest.raises(ValueError, match=r"lora_r=3 is too large for layer 'a' \(5x8\): 2 \* lora_r must be <= 5"):
+        strat.check_layer_shapes({"a": (5, 8)})
+    get_strategy("fedit", rank=R).check_layer_shapes({"a": (5, 8)})  # r <= 5 is all FedIT needs
+    fields = strat.card_fields({"ga_samples": 32})
+    assert fields["zeta_mode"] == "cosine (zeta_mode=auto)" and fields["ga_samples"] == 32
+    card = model_card("", {"strategy": "fedsmoothlora", "num_clients": 2}, fields, [])
+    assert "| zeta_mode | cosine (zeta_mode=auto) |" in card and "| num_clients | 2 |" in card
+    assert get_strategy("fedit", rank=R).card_fields({"ga_samples": 32}) == {"strategy": "fedit"}

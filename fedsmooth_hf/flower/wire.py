@@ -91,8 +91,7 @@ def reply_content(metrics: Mapping, upload: Mapping[str, np.ndarray]) -> RecordD
 
 def result_from_reply(arrays: Mapping[str, np.ndarray], content: RecordDict) -> dict:
     """A training reply as the round loop's client result (``FederatedTrainer.train_client_round``'s keys)."""
-    metrics = content["metrics"]
-    details = json.loads(str(content["details"]["json"])) if "details" in content else {}
+    metrics = {**json.loads(str(content["details"]["json"])), **content["metrics"]}
     return {
         "upload": arrays_to_factors("lora", arrays),
         "extras": arrays_to_tensors("extra", arrays),
@@ -100,6 +99,6 @@ def result_from_reply(arrays: Mapping[str, np.ndarray], content: RecordDict) -> 
         "train_loss": float(metrics["train_loss"]),
         "train_time_s": float(metrics["train_time_s"]),
         "strategy_overhead_s": float(metrics["strategy_overhead_s"]),
-        "first_loss": details.get("first_loss"),
-        "strategy_metrics": details.get("strategy_metrics", {}),
+        "first_loss": metrics.get("first_loss"),
+        "strategy_metrics": metrics.get("strategy_metrics", {}),
     }

@@ -1,17 +1,17 @@
 """The common interface every federated LoRA algorithm implements.
 
 A strategy is pure math over per-module LoRA factors; it knows nothing about
-``Trainer``, PEFT or devices. One round, seen from the trainer::
+``Trainer``, PEFT or devices. One round (``rounds.RoundEngine``), with ``S`` the strategy::
 
-    strategy.begin_round(round_idx)
-    for client in sampled:
-        point = strategy.gradient_point(client)        # only if strategy.needs_gradient
+    S.begin_round(round_idx)
+    for client in sampled:                              # an executor, FederatedTrainer.train_client_round
+        point = S.gradient_point(client)                # only if S.needs_gradient
         grads = <estimates of dL/dW at W + s * point,   # trainer + gradients.py, sized by
-                 one per layer>                         #   strategy.gradient_request()
-        start = strategy.client_start(client, grads)    # LoRA init, frozen offset, what trains
+                 one per layer>                         #   S.gradient_request()
+        start = S.client_start(client, grads)           # LoRA init, frozen offset, what trains
         trained = <local Trainer steps>                 # trainer
-        upload = strategy.client_upload(client, trained)
-    update = strategy.aggregate({client: upload}, {client: n_examples})
+        upload = S.client_upload(client, trained)
+    update = S.aggregate({client: upload}, {client: n_examples})
     <W += s * update.merge; adapter of the global model = update.global_lora>   # merge.py
 
 Factors are ``(B, A)`` pairs keyed by module name, in LoRA units: a module's
