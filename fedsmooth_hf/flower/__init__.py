@@ -7,6 +7,6 @@ Needs the ``flower`` extra (``pip install fedsmooth_hf[flower]``).
 """
 
 from .client import make_client_app
-from .server import FederationError, make_server_app, run_federation
+from .server import FederationError, FlowerExecutor, make_server_app, run_federation
 
-__all__ = ["make_client_app", "make_server_app", "run_federation", "FederationError"]
+__all__ = ["make_client_app", "make_server_app", "run_federation", "FlowerExecutor", "FederationError"]

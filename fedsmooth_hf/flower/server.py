@@ -1,11 +1,11 @@
 """The Flower ServerApp: our strategies' aggregate and merge, over a Flower Grid.
 
 The server holds the global model in a :class:`~fedsmooth_hf.FederatedTrainer` (built
-by the same ``build_trainer`` as the clients, with ``partition_id=None``). Each round it
-samples clients exactly like ``FederatedTrainer.train()`` (same seed, same draw), sends
-each sampled client the server updates it has not applied yet, aggregates the LoRA
-uploads with the trainer's strategy and merges the result into its own base weights,
-which the clients apply next time they are contacted. Only factors and small
+by the same ``build_trainer`` as the clients, with ``partition_id=None``) and runs the
+trainer's own round loop (:mod:`fedsmooth_hf.rounds`) with a :class:`FlowerExecutor`: the
+same client draw, aggregate, merge, records, log lines and callbacks as in-process. The
+executor sends each sampled client the server updates it has not applied yet and
+collects its upload; the clients apply the merged update next time they are contacted. Only factors and small
 metadata cross the wire; the bytes of every upload are recorded in the round history.
 """
 
