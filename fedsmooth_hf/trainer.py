@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import IntervalStrategy, SaveStrategy, TrainOutput
+from transformers.trainer_utils import TrainOutput
 
 from .arguments import FederatedArguments
-from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback
+from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback, RoundPrinterCallback
 from .checkpoint import (
     check_model_tensors,
     check_resumable,
@@ -41,6 +41,7 @@ from .checkpoint import (
 )
 from .distributed import all_gather_objects, gathered, is_zero3, single_process_view, world
 from .gradients import estimate_gradient_subspaces
+from .local_round import announce_overrides, local_round_arguments
 from .lora_init import (
     apply_client_start,
     clear_offsets,
@@ -120,7 +121,7 @@ class FederatedTrainer(Trainer):
         model: a ``PreTrainedModel`` (LoRA is added from ``fed_args``) or a ``peft.PeftModel``
             with a LoRA adapter (its ``LoraConfig`` is used as is).
         args: the user's ``TrainingArguments``; they apply to every local round
-            (``max_steps`` is replaced by ``fed_args.local_steps``).
+            (``max_steps`` is replaced by ``fed_args.local_steps``: see ``fedsmooth_hf.local_round``).
         fed_args: :class:`FederatedArguments`.
         train_dataset: one dataset, split over clients by ``fed_args.partition``; or
         client_datasets: the clients' datasets, already separate (takes precedence).
@@ -177,6 +178,9 @@ class FederatedTrainer(Trainer):
         self._log_history: list[dict] = []
         self._progress: FederatedProgressCallback | None = None
         self._replace_progress_bar()
+        announce_overrides(self.args, fa)
+        if not any(isinstance(cb, RoundPrinterCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(RoundPrinterCallback())  # one line per round unless the user brought their own
 
     # ------------------------------------------------------------------ construction
     def _resolve_clients(self, train_dataset, client_datasets, seed: int) -> list:
@@ -323,25 +327,9 @@ class FederatedTrainer(Trainer):
             return lr
         return fa.round_min_lr + 0.5 * (lr - fa.round_min_lr) * (1 + math.cos(math.pi * round_idx / fa.num_rounds))
 
-    @contextlib.contextmanager
     def _local_round_args(self, learning_rate: float):
-        """The user's TrainingArguments, with what a local round must own swapped in."""
-        overrides = {
-            "max_steps": self.fed_args.local_steps,
-            "learning_rate": learning_rate,
-            "save_strategy": SaveStrategy.NO,
-            "eval_strategy": IntervalStrategy.NO,
-            "load_best_model_at_end": False,
-            "push_to_hub": False,
-        }
-        saved = {k: getattr(self.args, k) for k in overrides}
-        try:
-            for k, v in overrides.items():
-                setattr(self.args, k, v)
-            yield
-        finally:
-            for k, v in saved.items():
-                setattr(self.args, k, v)
+        """The user's TrainingArguments, with what a local round must own swapped in (``local_round.py``)."""
+        return local_round_arguments(self.args, self.fed_args.local_steps, learning_rate)
 
     def _release_engine(self) -> None:
         """Drop the optimizer, scheduler and any DeepSpeed/DDP wrapper of the last local round."""
@@ -569,7 +557,8 @@ class FederatedTrainer(Trainer):
             start_round = self.load_federated_checkpoint(path)
         if not self.args.disable_tqdm:
             total = fa.num_rounds * fa.clients_per_round
-            self._progress = FederatedProgressCallback(total, initial=start_round * fa.clients_per_round)
+            self._progress = FederatedProgressCallback(total, initial=start_round * fa.clients_per_round,
+                                                       local_steps=fa.local_steps)
             self.add_callback(self._progress)
         t_start = time.perf_counter()
         # Trainer runs a full gc.collect() at every local round; freezing the long-lived
