@@ -20,6 +20,7 @@ from .strategies.registry import strategy_class
 
 ROUND_LR_SCHEDULES = ("constant", "cosine")
 CLIENT_FAILURE_POLICIES = ("raise", "skip")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -106,6 +107,12 @@ class FederatedArguments:
         metadata={"help": f"A client that fails (error or non-finite upload): one of {CLIENT_FAILURE_POLICIES}."},
     )
 
+    save_dtype: str = field(
+        default="auto",
+        metadata={"help": f"dtype of the merged model save_model() writes: one of {SAVE_DTYPES}. auto: the base "
+                          "model's own dtype (fp16 for a 4-bit base)."},
+    )
+
     client_parallel: bool = field(
         default=False,
         metadata={"help": "With N processes, train N different clients at once (one per process) instead of "
@@ -157,6 +164,8 @@ class FederatedArguments:
             bad("eval_rounds", "must be >= 0")
         if self.on_client_failure not in CLIENT_FAILURE_POLICIES:
             bad("on_client_failure", f"must be one of {CLIENT_FAILURE_POLICIES}")
+        if self.save_dtype not in SAVE_DTYPES:
+            bad("save_dtype", f"must be one of {SAVE_DTYPES}")
 
     def strategy_options(self, iid_data: bool | None = None) -> dict:
         """Keyword arguments any strategy constructor may take from these arguments.

@@ -70,7 +70,7 @@ __all__ = ["FederatedTrainer", "ClientTrainingError", "find_target_modules"]
 ADAPTER = "default"
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head")
 # FederatedArguments that may change when a run is resumed (everything else must match)
-_RESUMABLE_CHANGES = {"num_rounds", "save_rounds", "eval_rounds", "on_client_failure", "client_parallel"}
+_RESUMABLE_CHANGES = {"num_rounds", "save_rounds", "eval_rounds", "on_client_failure", "client_parallel", "save_dtype"}
 
 
 class ClientTrainingError(RuntimeError):
@@ -776,26 +776,30 @@ class FederatedTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the merged global model (a plain ``from_pretrained`` checkpoint), its card and history."""
-        from .hub import model_card, save_merged_model
+        from .hub import save_merged_model
 
         output_dir = output_dir or self.args.output_dir
+        dtype = None if self.fed_args.save_dtype == "auto" else getattr(torch, self.fed_args.save_dtype)
         with self._gathered():  # collective under ZeRO-3: every rank takes part, rank 0 writes
             if not self.args.should_save:
                 return
             save_merged_model(self.model, self.layers, self.strategy.global_lora(), output_dir,
-                              self.processing_class, ADAPTER)
-        evals = [r for r in self.round_history if "eval_loss" in r]
-        card = model_card(
-            getattr(self.model.get_base_model().config, "_name_or_path", "") or "",
-            self.fed_args.to_dict(),
-            self.strategy.describe(),
-            self.round_history,
-            {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
-        )
-        Path(output_dir, "README.md").write_text(card)
+                              self.processing_class, ADAPTER, dtype)
+        self.create_model_card(output_dir=output_dir)
         Path(output_dir, "federated_history.json").write_text(
             json.dumps({"fed_args": self.fed_args.to_dict(), "round_history": self.round_history}, indent=1)
         )
+
+    def create_model_card(self, *, output_dir: str | None = None, **card_args) -> None:
+        """Write the federated model card (``README.md``), also when an upstream script calls this after training.
+
+        ``card_args`` are ``Trainer.create_model_card``'s (``language``, ``license``, ``tags``,
+        ``model_name``, ``finetuned_from``, ``tasks``, ``dataset_tags``, ``dataset``, ``dataset_args``).
+        """
+        from .hub import write_model_card
+
+        if self.is_world_process_zero():
+            write_model_card(self, output_dir or self.args.output_dir, **card_args)
 
     def export_adapter(self, original_model: nn.Module, output_dir: str, rank: int | None = None) -> Path:
         """Save what federated training changed as a PEFT LoRA adapter of rank ``rank`` (default lora_r).
@@ -821,6 +825,8 @@ class FederatedTrainer(Trainer):
         self.save_model(self.args.output_dir)
         if not self.args.should_save:
             return ""
+        if kwargs:  # Trainer.push_to_hub passes these on to the model card
+            self.create_model_card(**kwargs)
         repo_id = self.args.hub_model_id or Path(self.args.output_dir).resolve().name
         # the model and its card only: federated checkpoints stay local
         return push_folder_to_hub(self.args.output_dir, repo_id, token=token or self.args.hub_token,
