@@ -6,11 +6,17 @@ applies to each client's local round. Its ``seed`` also seeds the federation (th
 partition, client sampling and every local round), so one ``--seed`` fixes a run. This dataclass adds the rounds, the
 clients, LoRA and the algorithm. ``HfArgumentParser((TrainingArguments,
 FederatedArguments))`` reads both from the command line or a JSON/YAML file.
+
+:class:`FederatedTrainingArguments` is the same fields in one ``TrainingArguments``
+subclass (as ``Seq2SeqTrainingArguments`` is for ``Seq2SeqTrainer``), for scripts that
+parse a single arguments class.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+
+from transformers import TrainingArguments
 
 from .gradients import GA_ESTIMATORS
 from .partition import PARTITION_METHODS
@@ -121,7 +127,7 @@ class FederatedArguments:
 
     def __post_init__(self):
         def bad(name, why):
-            raise ValueError(f"FederatedArguments.{name}={getattr(self, name)!r}: {why}")
+            raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {why}")
 
         strategy_class(self.strategy)  # unknown names list the valid ones
         self.strategy = self.strategy.lower().replace("-", "_")
@@ -188,3 +194,33 @@ class FederatedArguments:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class FederatedTrainingArguments(TrainingArguments, FederatedArguments):
+    """``TrainingArguments`` plus every :class:`FederatedArguments` field, in one class.
+
+    An upstream script federates by parsing this class instead of ``TrainingArguments``
+    and building a ``FederatedTrainer`` instead of a ``Trainer``. The fields are
+    inherited from ``FederatedArguments``, not restated, so both classes always agree.
+    """
+
+    def __post_init__(self):
+        TrainingArguments.__post_init__(self)
+        FederatedArguments.__post_init__(self)
+
+    def federated_arguments(self) -> FederatedArguments:
+        """The federated fields as a :class:`FederatedArguments` (what checkpoints record)."""
+        return FederatedArguments(**{f.name: getattr(self, f.name) for f in fields(FederatedArguments)})
+
+
+def resolve_federated_arguments(args: TrainingArguments | None, fed_args: FederatedArguments | None) -> FederatedArguments:
+    """The run's ``FederatedArguments``, from ``fed_args`` or from a ``FederatedTrainingArguments``, never both."""
+    if isinstance(args, FederatedTrainingArguments):
+        if fed_args is not None:
+            raise ValueError(
+                "FederatedTrainer got fed_args and FederatedTrainingArguments as args: the federated fields would be "
+                "given twice; pass TrainingArguments with fed_args, or FederatedTrainingArguments alone"
+            )
+        return args.federated_arguments()
+    return fed_args if fed_args is not None else FederatedArguments()

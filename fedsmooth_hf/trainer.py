@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import TrainOutput
 
-from .arguments import FederatedArguments
+from .arguments import FederatedArguments, resolve_federated_arguments
 from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback, RoundPrinterCallback
 from .checkpoint import (
     check_model_tensors,
@@ -121,8 +121,9 @@ class FederatedTrainer(Trainer):
         model: a ``PreTrainedModel`` (LoRA is added from ``fed_args``) or a ``peft.PeftModel``
             with a LoRA adapter (its ``LoraConfig`` is used as is).
         args: the user's ``TrainingArguments``; they apply to every local round
-            (``max_steps`` is replaced by ``fed_args.local_steps``: see ``fedsmooth_hf.local_round``).
-        fed_args: :class:`FederatedArguments`.
+            (``max_steps`` is replaced by ``fed_args.local_steps``: see ``fedsmooth_hf.local_round``),
+            or a ``FederatedTrainingArguments`` that also carries the federated fields.
+        fed_args: :class:`FederatedArguments` (with plain ``TrainingArguments`` only).
         train_dataset: one dataset, split over clients by ``fed_args.partition``; or
         client_datasets: the clients' datasets, already separate (takes precedence).
         Everything else is passed to ``Trainer`` unchanged.
@@ -141,7 +142,7 @@ class FederatedTrainer(Trainer):
     ):
         if model is None:
             raise ValueError("FederatedTrainer needs a model")
-        self.fed_args = fed_args if fed_args is not None else FederatedArguments()
+        self.fed_args: FederatedArguments = resolve_federated_arguments(args, fed_args)
         fa = self.fed_args
         if args is None:
             args = TrainingArguments(output_dir="fedsmooth_output", report_to="none")
