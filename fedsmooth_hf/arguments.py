@@ -205,6 +205,8 @@ class FederatedTrainingArguments(TrainingArguments, FederatedArguments):
     inherited from ``FederatedArguments``, not restated, so both classes always agree.
     """
 
+    __repr__ = TrainingArguments.__str__  # the generated repr would print hub_token; TrainingArguments' hides it
+
     def __post_init__(self):
         TrainingArguments.__post_init__(self)
         FederatedArguments.__post_init__(self)

@@ -51,6 +51,7 @@ def test_both_scripts_train_and_the_federated_one_runs_rounds(tmp_path):
 def test_federated_training_arguments_carry_every_federated_field():
     args = FederatedTrainingArguments(output_dir="unused", num_clients=3, local_steps=7, report_to="none")
     assert args.federated_arguments() == FederatedArguments(num_clients=3, local_steps=7)
+    assert "hf_secret" not in repr(FederatedTrainingArguments(output_dir="unused", hub_token="hf_secret"))
     with pytest.raises(ValueError, match="FederatedTrainingArguments.num_clients=0: must be >= 1"):
         FederatedTrainingArguments(output_dir="unused", num_clients=0, report_to="none")
 
