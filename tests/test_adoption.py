@@ -10,33 +10,63 @@ from transformers import TrainingArguments
 
 from fedsmooth_hf import FederatedArguments, FederatedTrainer, FederatedTrainingArguments
 
-SCRIPTS = Path(__file__).parent / "scripts"
+PLAIN = Path(__file__).parent / "scripts" / "plain_trainer.py"
+# what a user changes in an upstream Trainer script: one import added after transformers', two lines replaced
+IMPORT_AFTER = "from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments"
+IMPORT = "from fedsmooth_hf import FederatedTrainer, FederatedTrainingArguments"
+REPLACED = {
+    "    parser = HfArgumentParser((DataTrainingArguments, TrainingArguments))":
+    "    parser = HfArgumentParser((DataTrainingArguments, FederatedTrainingArguments))",
+    "    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,":
+    "    trainer = FederatedTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,",
+}
 COMMON = ["--per_device_train_batch_size", "8", "--learning_rate", "5e-3", "--report_to", "none", "--use_cpu",
           "--disable_tqdm", "true", "--save_strategy", "no", "--logging_steps", "50"]
 
 
-def test_federated_script_differs_from_the_plain_one_in_exactly_three_lines():
-    plain = (SCRIPTS / "plain_trainer.py").read_text().splitlines()
-    federated = (SCRIPTS / "federated_trainer.py").read_text().splitlines()
-    diff = [line for line in difflib.ndiff(plain, federated) if line[:2] in ("- ", "+ ")]
+def _federate(plain: list[str]) -> list[str]:
+    """The plain script with the three edits; each must match exactly one line."""
+    lines = list(plain)
+
+    def at(wanted):
+        (i,) = [i for i, line in enumerate(lines) if line == wanted]
+        return i
+
+    lines.insert(at(IMPORT_AFTER) + 1, IMPORT)
+    for before, after in REPLACED.items():
+        lines[at(before)] = after
+    return lines
+
+
+@pytest.fixture
+def federated_script(tmp_path):
+    path = tmp_path / "federated_trainer.py"
+    path.write_text("\n".join(_federate(PLAIN.read_text().splitlines())) + "\n")
+    return path
+
+
+def test_federated_script_differs_from_the_plain_one_in_exactly_three_lines(federated_script):
+    plain = PLAIN.read_text().splitlines()
+    diff = [line for line in difflib.ndiff(plain, federated_script.read_text().splitlines()) if line[:2] in ("- ", "+ ")]
     assert [line for line in diff if line.startswith("+ ")] == [
         "+ from fedsmooth_hf import FederatedTrainer, FederatedTrainingArguments",
         "+     parser = HfArgumentParser((DataTrainingArguments, FederatedTrainingArguments))",
-        "+     trainer = FederatedTrainer(",
+        "+     trainer = FederatedTrainer(model=model, args=training_args, train_dataset=train_dataset, "
+        "eval_dataset=eval_dataset,",
     ]
     assert [line for line in diff if line.startswith("- ")] == [
         "-     parser = HfArgumentParser((DataTrainingArguments, TrainingArguments))",
-        "-     trainer = Trainer(",
+        "-     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,",
     ]
 
 
-def test_both_scripts_train_and_the_federated_one_runs_rounds(tmp_path):
-    plain_trainer, plain_metrics = runpy.run_path(str(SCRIPTS / "plain_trainer.py"))["main"](
+def test_both_scripts_train_and_the_federated_one_runs_rounds(tmp_path, federated_script):
+    plain_trainer, plain_metrics = runpy.run_path(str(PLAIN))["main"](
         ["--output_dir", str(tmp_path / "plain"), "--max_steps", "2", *COMMON])
     assert type(plain_trainer).__name__ == "Trainer" and "eval_accuracy" in plain_metrics
 
     out = tmp_path / "federated"
-    trainer, metrics = runpy.run_path(str(SCRIPTS / "federated_trainer.py"))["main"](
+    trainer, metrics = runpy.run_path(str(federated_script))["main"](
         ["--output_dir", str(out), "--num_clients", "2", "--num_rounds", "2", "--local_steps", "3", "--lora_r", "2",
          "--lora_alpha", "4", "--ga_samples", "8", *COMMON])
     assert isinstance(trainer, FederatedTrainer)

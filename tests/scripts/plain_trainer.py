@@ -1,8 +1,8 @@
 """A plain ``transformers.Trainer`` script, shaped like transformers' examples (run_clm.py).
 
-``federated_trainer.py`` is this script federated by changing three lines;
-``tests/test_adoption.py`` checks the line diff and runs both. Self-contained: a tiny
-Llama built from a config and a generated counting task, so it runs offline.
+``tests/test_adoption.py`` federates it by changing three lines (the import, the
+arguments class, ``Trainer``), checks the line diff and runs both. Self-contained: a
+tiny Llama built from a config and a generated counting task, so it runs offline.
 """
 
 from dataclasses import dataclass, field
@@ -47,14 +47,8 @@ def main(argv=None):
     model = LlamaForCausalLM(config)
     train_dataset = counting_data(data_args.num_examples, data_args.seq_len, config.vocab_size, seed=0)
     eval_dataset = counting_data(16, data_args.seq_len, config.vocab_size, seed=1)
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        compute_metrics=compute_metrics,
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                      compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics)
     trainer.train()
     trainer.save_model()
     metrics = trainer.evaluate()
