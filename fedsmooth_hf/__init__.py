@@ -11,6 +11,7 @@ from .version import __version__
 
 _EXPORTS = {
     "FederatedArguments": ".arguments",
+    "FederatedTrainingArguments": ".arguments",
     "FederatedCallback": ".callbacks",
     "FederatedTrainer": ".trainer",
     "truncated_svd": ".lowrank",

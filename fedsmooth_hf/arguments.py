@@ -6,11 +6,17 @@ applies to each client's local round. Its ``seed`` also seeds the federation (th
 partition, client sampling and every local round), so one ``--seed`` fixes a run. This dataclass adds the rounds, the
 clients, LoRA and the algorithm. ``HfArgumentParser((TrainingArguments,
 FederatedArguments))`` reads both from the command line or a JSON/YAML file.
+
+:class:`FederatedTrainingArguments` is the same fields in one ``TrainingArguments``
+subclass (as ``Seq2SeqTrainingArguments`` is for ``Seq2SeqTrainer``), for scripts that
+parse a single arguments class.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+
+from transformers import TrainingArguments
 
 from .gradients import GA_ESTIMATORS
 from .partition import PARTITION_METHODS
@@ -20,6 +26,7 @@ from .strategies.registry import strategy_class
 
 ROUND_LR_SCHEDULES = ("constant", "cosine")
 CLIENT_FAILURE_POLICIES = ("raise", "skip")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -106,6 +113,12 @@ class FederatedArguments:
         metadata={"help": f"A client that fails (error or non-finite upload): one of {CLIENT_FAILURE_POLICIES}."},
     )
 
+    save_dtype: str = field(
+        default="auto",
+        metadata={"help": f"dtype of the merged model save_model() writes: one of {SAVE_DTYPES}. auto: the base "
+                          "model's own dtype (fp16 for a 4-bit base)."},
+    )
+
     client_parallel: bool = field(
         default=False,
         metadata={"help": "With N processes, train N different clients at once (one per process) instead of "
@@ -114,7 +127,7 @@ class FederatedArguments:
 
     def __post_init__(self):
         def bad(name, why):
-            raise ValueError(f"FederatedArguments.{name}={getattr(self, name)!r}: {why}")
+            raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {why}")
 
         strategy_class(self.strategy)  # unknown names list the valid ones
         self.strategy = self.strategy.lower().replace("-", "_")
@@ -153,6 +166,8 @@ class FederatedArguments:
             bad("eval_rounds", "must be >= 0")
         if self.on_client_failure not in CLIENT_FAILURE_POLICIES:
             bad("on_client_failure", f"must be one of {CLIENT_FAILURE_POLICIES}")
+        if self.save_dtype not in SAVE_DTYPES:
+            bad("save_dtype", f"must be one of {SAVE_DTYPES}")
 
     def strategy_options(self, iid_data: bool | None = None) -> dict:
         """Keyword arguments any strategy constructor may take from these arguments.
@@ -175,3 +190,35 @@ class FederatedArguments:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class FederatedTrainingArguments(TrainingArguments, FederatedArguments):
+    """``TrainingArguments`` plus every :class:`FederatedArguments` field, in one class.
+
+    An upstream script federates by parsing this class instead of ``TrainingArguments``
+    and building a ``FederatedTrainer`` instead of a ``Trainer``. The fields are
+    inherited from ``FederatedArguments``, not restated, so both classes always agree.
+    """
+
+    __repr__ = TrainingArguments.__str__  # the generated repr would print hub_token; TrainingArguments' hides it
+
+    def __post_init__(self):
+        TrainingArguments.__post_init__(self)
+        FederatedArguments.__post_init__(self)
+
+    def federated_arguments(self) -> FederatedArguments:
+        """The federated fields as a :class:`FederatedArguments` (what checkpoints record)."""
+        return FederatedArguments(**{f.name: getattr(self, f.name) for f in fields(FederatedArguments)})
+
+
+def resolve_federated_arguments(args: TrainingArguments | None, fed_args: FederatedArguments | None) -> FederatedArguments:
+    """The run's ``FederatedArguments``, from ``fed_args`` or from a ``FederatedTrainingArguments``, never both."""
+    if isinstance(args, FederatedTrainingArguments):
+        if fed_args is not None:
+            raise ValueError(
+                "FederatedTrainer got fed_args and FederatedTrainingArguments as args: the federated fields would be "
+                "given twice; pass TrainingArguments with fed_args, or FederatedTrainingArguments alone"
+            )
+        return args.federated_arguments()
+    return fed_args if fed_args is not None else FederatedArguments()

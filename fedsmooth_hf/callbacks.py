@@ -81,30 +81,37 @@ class FederatedFlowCallback(FederatedCallback):
 
 
 class FederatedProgressCallback(FederatedCallback):
-    """One bar for the whole run (rounds x sampled clients), with the latest losses as postfix.
+    """One bar for the whole run, in local steps (rounds x sampled clients x local_steps).
 
     It replaces the per-call bar of ``Trainer`` that would otherwise restart for every
-    client round.
+    client round, and moves with every optimizer step inside a client round, so a slow
+    round shows progress before it ends. A client round that ends early (a skipped
+    failure, a client trained by another process) counts as its ``local_steps``.
     """
 
-    def __init__(self, total_client_rounds: int, initial: int = 0):
-        self.total = total_client_rounds
-        self.initial = initial
+    def __init__(self, total_client_rounds: int, initial: int = 0, local_steps: int = 1):
+        self.local_steps = local_steps
+        self.total = total_client_rounds * local_steps
+        self.done = initial * local_steps  # steps of the client rounds that ended
         self.bar = None
 
     def _ensure(self, state):
         if self.bar is None and state.is_world_process_zero:
-            self.bar = tqdm(total=self.total, initial=self.initial, desc="federated", unit="client-round",
-                            dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, initial=self.done, desc="federated", unit="step", dynamic_ncols=True)
 
     def on_client_begin(self, args, state, control, round, client, **kwargs):
         self._ensure(state)
         if self.bar is not None:
             self.bar.set_description(f"round {round} client {client}")
 
-    def on_client_end(self, args, state, control, round, client, metrics, **kwargs):
-        if self.bar is not None:
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None and self.bar.n < self.done + self.local_steps:
             self.bar.update(1)
+
+    def on_client_end(self, args, state, control, round, client, metrics, **kwargs):
+        self.done += self.local_steps
+        if self.bar is not None:
+            self.bar.update(self.done - self.bar.n)
             if "train_loss" in metrics:
                 self.bar.set_postfix(train_loss=f"{metrics['train_loss']:.4f}")
 
@@ -120,6 +127,9 @@ class FederatedProgressCallback(FederatedCallback):
 
 class RoundPrinterCallback(FederatedCallback):
     """Prints one line per round, ``[round k] eval_accuracy=... eval_loss=...``, above the progress bar.
+
+    ``FederatedTrainer`` adds one with the default keys unless ``callbacks`` holds one
+    already; ``trainer.remove_callback(RoundPrinterCallback)`` silences it.
 
     Args:
         keys: metrics to show, in order, when a round has them.

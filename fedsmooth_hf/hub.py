@@ -20,8 +20,10 @@ from torch import nn
 from .adapter import lora_scaling
 from .lowrank import dense_top_svd
 from .merge import dense_base_weight, is_quantized
+from .version import __version__
 
-__all__ = ["merged_state_dict", "save_merged_model", "export_lora_adapter", "model_card", "push_folder_to_hub"]
+__all__ = ["merged_state_dict", "save_merged_model", "export_lora_adapter", "model_card", "write_model_card",
+           "push_folder_to_hub"]
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -85,12 +87,17 @@ def save_merged_model(
     output_dir: str | os.PathLike,
     processing_class=None,
     adapter_name: str = "default",
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write the global model as a plain ``from_pretrained``-loadable checkpoint."""
+    """Write the global model as a plain ``from_pretrained``-loadable checkpoint.
+
+    ``dtype``: cast every floating tensor (and say so in ``config.json``); default: the
+    base model's own dtypes, so a bf16 base is not saved at twice its size.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     base = peft_model.get_base_model()
-    sd = merged_state_dict(peft_model, layers, global_lora, adapter_name)
+    sd = merged_state_dict(peft_model, layers, global_lora, adapter_name, dtype)
     quant = getattr(base.config, "quantization_config", None)
     if quant is not None:
         # the export is dense: drop the 4-bit recipe from the saved config only
@@ -100,6 +107,12 @@ def save_merged_model(
     finally:
         if quant is not None:
             base.config.quantization_config = quant
+    if dtype is not None:
+        # save_pretrained records the in-memory model's dtype; from_pretrained(dtype="auto") reads this one
+        config_file = output_dir / "config.json"
+        config = json.loads(config_file.read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if processing_class is not None:
         processing_class.save_pretrained(output_dir)
     return output_dir
@@ -164,30 +177,63 @@ def export_lora_adapter(
     return output_dir
 
 
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def model_card(
     base_model: str,
     fed_args: Mapping,
     strategy: Mapping,
     round_history: list[dict],
     final_metrics: Mapping[str, float] | None = None,
+    *,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    tags: str | list[str] | None = None,
+    model_name: str | None = None,
+    finetuned_from: str | None = None,
+    tasks: str | list[str] | None = None,
+    dataset_tags: str | list[str] | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_args: str | list[str] | None = None,
 ) -> str:
-    """A README.md for the Hub: what was trained, how, and how well."""
+    """A README.md for the Hub: what was trained, how, and how well.
+
+    The keyword arguments are ``Trainer.create_model_card``'s, so an upstream script's
+    call describes the federated run. A local ``base_model`` path is named by its last
+    component only: a path says nothing on the Hub, and the Hub rejects it as ``base_model``.
+    """
     final_metrics = dict(final_metrics or {})
     evals = [r for r in round_history if "eval_loss" in r]
+    base_model = finetuned_from or base_model
+    base_name = base_model if is_hub_repo_id(base_model) else Path(base_model).name
+    datasets = _as_list(dataset_tags) or _as_list(dataset)
+    on_data = f" on {', '.join(_as_list(dataset))}" if dataset else ""
+    if dataset_args:
+        on_data += f" ({', '.join(_as_list(dataset_args))})"
     lines = [
         "---",
         "library_name: transformers",
+        f"license: {license}" if license else None,
+        *(["language:"] + [f"- {x}" for x in _as_list(language)] if language else []),
         "tags:",
         "- federated-learning",
         "- lora",
         f"- {strategy.get('strategy', fed_args.get('strategy'))}",
         "- fedsmooth_hf",
-        f"base_model: {base_model}" if is_hub_repo_id(base_model) else "",
+        *[f"- {t}" for t in _as_list(tags)],
+        *(["datasets:"] + [f"- {d}" for d in datasets] if datasets else []),
+        f"pipeline_tag: {_as_list(tasks)[0]}" if tasks else None,
+        f"base_model: {base_model}" if is_hub_repo_id(base_model) else None,
         "---",
         "",
-        f"# Federated fine-tune of {base_model or 'a base model'}",
+        f"# {model_name or ('Federated fine-tune of ' + base_name if base_name else 'Federated fine-tune')}",
         "",
-        f"Trained with [fedsmooth_hf](https://pypi.org/project/fedsmooth_hf/) using **{fed_args.get('strategy')}** "
+        f"Fine-tuned from {base_name or 'a base model'}{on_data} with fedsmooth_hf {__version__} "
+        f"(federated LoRA for transformers.Trainer) using **{fed_args.get('strategy')}** "
         f"over {fed_args.get('num_clients')} clients ({fed_args.get('clients_per_round')} per round), "
         f"{len([r for r in round_history if r.get('round', 0) > 0 and 'train_loss' in r])} rounds of "
         f"{fed_args.get('local_steps')} local steps, partition `{fed_args.get('partition')}`. "
@@ -210,6 +256,23 @@ def model_card(
     if final_metrics:
         lines += ["", "## Final metrics", "", "```json", json.dumps(final_metrics, indent=1, sort_keys=True), "```"]
     return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def write_model_card(trainer, output_dir: str | os.PathLike, **card_args) -> Path:
+    """Write ``output_dir/README.md`` for a ``FederatedTrainer``'s run (``card_args``: see :func:`model_card`)."""
+    evals = [r for r in trainer.round_history if "eval_loss" in r]
+    card = model_card(
+        getattr(trainer.model.get_base_model().config, "_name_or_path", "") or "",
+        trainer.fed_args.to_dict(),
+        trainer.strategy.card_fields(trainer.fed_args.to_dict()),
+        trainer.round_history,
+        {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
+        **card_args,
+    )
+    path = Path(output_dir, "README.md")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(card)
+    return path
 
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool | None = None,

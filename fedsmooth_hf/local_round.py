@@ -4,16 +4,28 @@ A local round is a real ``Trainer`` inner loop under the user's ``TrainingArgume
 with the few settings a federation must own swapped in for its duration, a seed that
 depends only on (seed, round, client), and afterwards no optimizer, scheduler or
 DeepSpeed engine left alive for the next client.
+
+A few arguments would mean the wrong thing inside one client's round: the length of a
+whole run, checkpoints and evaluations, a best model chosen among a client's steps.
+:func:`announce_overrides` says once, when the trainer is built, what a round replaces,
+and warns where a value the user set has a federated equivalent, so a run planned as
+``--max_steps 10`` does not silently become 1,000 steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 
 import numpy as np
+from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
-__all__ = ["client_round_seed", "local_round_args", "release_engine", "first_logged_loss"]
+__all__ = ["client_round_seed", "local_round_args", "announce_overrides", "conflicting_arguments",
+           "release_engine", "first_logged_loss"]
+
+logger = logging.getLogger(__name__)
 
 
 def client_round_seed(seed: int, round_idx: int, client: int) -> int:
@@ -21,10 +33,21 @@ def client_round_seed(seed: int, round_idx: int, client: int) -> int:
     return int(np.random.SeedSequence([seed, round_idx, client]).generate_state(1)[0])
 
 
-@contextlib.contextmanager
-def local_round_args(args, local_steps: int, learning_rate: float):
-    """The user's TrainingArguments, with what a local round must own swapped in (and restored after)."""
-    overrides = {
+# fields a user may have set with a meaning the federation replaces -> the federated equivalent
+FEDERATED_EQUIVALENTS = {
+    "max_steps": "--local_steps (optimizer steps per client round) and --num_rounds",
+    "num_train_epochs": "--num_rounds (with --local_steps per client round)",
+    "save_strategy": "--save_rounds (checkpoint every N rounds)",
+    "eval_strategy": "--eval_rounds (evaluate the global model every N rounds)",
+    "load_best_model_at_end": "--eval_rounds (the last round's global model is kept; trainer.round_history "
+                              "holds every round's eval metrics)",
+}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+
+
+def local_round_overrides(local_steps: int, learning_rate: float) -> dict:
+    """What a local round sets on the user's ``TrainingArguments`` (``max_steps`` also makes ``num_train_epochs`` unused)."""
+    return {
         "max_steps": local_steps,
         "learning_rate": learning_rate,
         "save_strategy": SaveStrategy.NO,
@@ -32,14 +55,65 @@ def local_round_args(args, local_steps: int, learning_rate: float):
         "load_best_model_at_end": False,
         "push_to_hub": False,
     }
+
+
+def _plain(value):
+    return getattr(value, "value", value)
+
+
+def conflicting_arguments(args: TrainingArguments) -> dict:
+    """``field -> the user's value`` for each replaced field set away from its ``TrainingArguments`` default.
+
+    ``"no"`` (no saves, no evaluations) is what a local round uses anyway: not a conflict.
+    """
+    values = {name: _plain(getattr(args, name)) for name in FEDERATED_EQUIVALENTS}
+    return {name: v for name, v in values.items() if v != _plain(_DEFAULTS[name]) and v != "no"}
+
+
+def announce_overrides(args: TrainingArguments, fed_args) -> None:
+    """Log once what every local round replaces; one warning for the values that lose their meaning."""
+    if not args.should_log:
+        return
+    total = fed_args.num_rounds * fed_args.clients_per_round * fed_args.local_steps
+    plan = (f"{fed_args.num_rounds} rounds x {fed_args.clients_per_round} clients x "
+            f"{fed_args.local_steps} local steps = {total} optimizer steps")
+    logger.info(
+        "each client round is a Trainer.train() with max_steps=local_steps=%d (num_train_epochs unused), "
+        "save_strategy='no', eval_strategy='no', load_best_model_at_end=False, push_to_hub=False and the "
+        "round's learning rate (round_lr_schedule=%s); the run: %s",
+        fed_args.local_steps, fed_args.round_lr_schedule, plan,
+    )
+    conflicts = conflicting_arguments(args)
+    if conflicts:
+        logger.warning(
+            "TrainingArguments replaced in every client round (the run: %s): %s",
+            plan, "; ".join(f"{name}={value!r} -> use {FEDERATED_EQUIVALENTS[name]}" for name, value in conflicts.items()),
+        )
+
+
+class _DropInfo(logging.Filter):
+    """Drops records below WARNING: Trainer's "Running training" banner, repeated every client round."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+@contextlib.contextmanager
+def local_round_args(args: TrainingArguments, local_steps: int, learning_rate: float):
+    """``args`` with the local round's overrides swapped in (restored after), Trainer's per-call banner silenced."""
+    overrides = local_round_overrides(local_steps, learning_rate)
     saved = {k: getattr(args, k) for k in overrides}
+    quiet = _DropInfo()
+    trainer_logger = logging.getLogger("transformers.trainer")
+    trainer_logger.addFilter(quiet)
     try:
         for k, v in overrides.items():
             setattr(args, k, v)
-        yield
+        yield args
     finally:
         for k, v in saved.items():
             setattr(args, k, v)
+        trainer_logger.removeFilter(quiet)
 
 
 def release_engine(trainer) -> None:

@@ -164,7 +164,7 @@ class RoundEngine:
         progress = None
         if not t.args.disable_tqdm:
             progress = FederatedProgressCallback(fa.num_rounds * fa.clients_per_round,
-                                                 initial=start_round * fa.clients_per_round)
+                                                 initial=start_round * fa.clients_per_round, local_steps=fa.local_steps)
             t.add_callback(progress)
         # Trainer runs a full gc.collect() at every local round; freezing the long-lived
         # objects (imports, datasets, model) keeps that from costing ~0.3 s per client round.

@@ -39,8 +39,8 @@ from .adapter import (
     set_offsets,
     set_parameters,
 )
-from .arguments import FederatedArguments
-from .callbacks import FederatedFlowCallback
+from .arguments import FederatedArguments, resolve_federated_arguments
+from .callbacks import FederatedFlowCallback, RoundPrinterCallback
 from .checkpoint import (
     check_model_checkpoint,
     check_resumable,
@@ -55,7 +55,13 @@ from .checkpoint import (
 )
 from .distributed import gathered, is_zero3, world
 from .gradients import estimate_gradient_subspaces, warn_small_calibration
-from .local_round import client_round_seed, first_logged_loss, local_round_args, release_engine
+from .local_round import (
+    announce_overrides,
+    client_round_seed,
+    first_logged_loss,
+    local_round_args,
+    release_engine,
+)
 from .merge import first_non_finite, keep_quantized_layers_differentiable, merge_into_base
 from .partition import resolve_client_datasets
 from .rounds import (
@@ -74,7 +80,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["FederatedTrainer", "ClientTrainingError", "find_target_modules"]
 
 # FederatedArguments that may change when a run is resumed (everything else must match)
-_RESUMABLE_CHANGES = {"num_rounds", "save_rounds", "eval_rounds", "on_client_failure", "client_parallel"}
+_RESUMABLE_CHANGES = {"num_rounds", "save_rounds", "eval_rounds", "on_client_failure", "client_parallel", "save_dtype"}
 
 
 class FederatedTrainer(Trainer):
@@ -84,8 +90,9 @@ class FederatedTrainer(Trainer):
         model: a ``PreTrainedModel`` (LoRA is added from ``fed_args``) or a ``peft.PeftModel``
             with a LoRA adapter (its ``LoraConfig`` is used as is).
         args: the user's ``TrainingArguments``; they apply to every local round
-            (``max_steps`` is replaced by ``fed_args.local_steps``).
-        fed_args: :class:`FederatedArguments`.
+            (``max_steps`` is replaced by ``fed_args.local_steps``: see ``fedsmooth_hf.local_round``),
+            or a ``FederatedTrainingArguments`` that also carries the federated fields.
+        fed_args: :class:`FederatedArguments` (with plain ``TrainingArguments`` only).
         train_dataset: one dataset, split over clients by ``fed_args.partition``; or
         client_datasets: the clients' datasets, already separate (takes precedence).
         Everything else is passed to ``Trainer`` unchanged.
@@ -96,7 +103,7 @@ class FederatedTrainer(Trainer):
                  client_datasets: Sequence | None = None, eval_dataset=None, callbacks: list | None = None, **kwargs):
         if model is None:
             raise ValueError("FederatedTrainer needs a model")
-        self.fed_args = fed_args if fed_args is not None else FederatedArguments()
+        self.fed_args: FederatedArguments = resolve_federated_arguments(args, fed_args)
         fa = self.fed_args
         if args is None:
             args = TrainingArguments(output_dir="fedsmooth_output", report_to="none")
@@ -129,6 +136,9 @@ class FederatedTrainer(Trainer):
         # our bar runs over rounds x clients; Trainer's own would restart every local round
         self.callback_handler.remove_callback(ProgressCallback)
         self.callback_handler.callbacks.insert(0, FederatedFlowCallback(self.fed_args))
+        announce_overrides(self.args, fa)
+        if not any(isinstance(cb, RoundPrinterCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(RoundPrinterCallback())  # one line per round unless the user brought their own
 
     # ------------------------------------------------------------------ construction
     @property
@@ -414,26 +424,30 @@ class FederatedTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the merged global model (a plain ``from_pretrained`` checkpoint), its card and history."""
-        from .hub import model_card, save_merged_model
+        from .hub import save_merged_model
 
         output_dir = output_dir or self.args.output_dir
+        dtype = None if self.fed_args.save_dtype == "auto" else getattr(torch, self.fed_args.save_dtype)
         with self._gathered():  # collective under ZeRO-3: every rank takes part, rank 0 writes
             if not self.args.should_save:
                 return
             save_merged_model(self.model, self.layers, self.strategy.global_lora(), output_dir,
-                              self.processing_class, ADAPTER)
-        evals = [r for r in self.round_history if "eval_loss" in r]
-        card = model_card(
-            getattr(self.model.get_base_model().config, "_name_or_path", "") or "",
-            self.fed_args.to_dict(),
-            self.strategy.card_fields(self.fed_args.to_dict()),
-            self.round_history,
-            {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
-        )
-        Path(output_dir, "README.md").write_text(card)
+                              self.processing_class, ADAPTER, dtype)
+        self.create_model_card(output_dir=output_dir)
         Path(output_dir, "federated_history.json").write_text(
             json.dumps({"fed_args": self.fed_args.to_dict(), "round_history": self.round_history}, indent=1)
         )
+
+    def create_model_card(self, *, output_dir: str | None = None, **card_args) -> None:
+        """Write the federated model card (``README.md``), also when an upstream script calls this after training.
+
+        ``card_args`` are ``Trainer.create_model_card``'s (``language``, ``license``, ``tags``,
+        ``model_name``, ``finetuned_from``, ``tasks``, ``dataset_tags``, ``dataset``, ``dataset_args``).
+        """
+        from .hub import write_model_card
+
+        if self.is_world_process_zero():
+            write_model_card(self, output_dir or self.args.output_dir, **card_args)
 
     def export_adapter(self, original_model: nn.Module, output_dir: str, rank: int | None = None) -> Path:
         """Save what federated training changed as a PEFT LoRA adapter of rank ``rank`` (default lora_r).
@@ -459,6 +473,8 @@ class FederatedTrainer(Trainer):
         self.save_model(self.args.output_dir)
         if not self.args.should_save:
             return ""
+        if kwargs:  # Trainer.push_to_hub passes these on to the model card
+            self.create_model_card(**kwargs)
         repo_id = self.args.hub_model_id or Path(self.args.output_dir).resolve().name
         # the model and its card only: federated checkpoints stay local
         return push_folder_to_hub(self.args.output_dir, repo_id, token=token or self.args.hub_token,

@@ -81,3 +81,63 @@ def test_exported_adapter_reproduces_the_merged_model(tmp_path):
         got = fresh(input_ids=IDS).logits
     assert (expected - before).abs().max() > 1e-3, "training must have changed the model"
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _read_dtypes(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+def _one_round(tmp_path, model, **fed):
+    fed_args = FederatedArguments(strategy="fedit", num_clients=2, num_rounds=1, local_steps=1, lora_r=2,
+                                  lora_alpha=4, **fed)
+    trainer = FederatedTrainer(model=model, args=_args(tmp_path), fed_args=fed_args,
+                               train_dataset=make_counting_dataset(16))
+    trainer.train()
+    return trainer
+
+
+def test_merged_model_dtype_equals_the_base_models(tmp_path):
+    bf16 = _one_round(tmp_path, make_tiny_llama().to(torch.bfloat16), modules_to_save=["lm_head"])
+    bf16.save_model(str(tmp_path / "bf16"))
+    assert _read_dtypes(tmp_path / "bf16") == {"BF16"}
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert reloaded.dtype == torch.bfloat16
+
+    fp32 = _one_round(tmp_path, make_tiny_llama())
+    fp32.save_model(str(tmp_path / "fp32"))
+    assert _read_dtypes(tmp_path / "fp32") == {"F32"}
+
+
+def test_save_dtype_asks_for_another_dtype(tmp_path):
+    trainer = _one_round(tmp_path, make_tiny_llama(), save_dtype="bfloat16")
+    expected = _global_logits(trainer, input_ids=IDS)
+    trainer.save_model(str(tmp_path / "half"))
+    assert _read_dtypes(tmp_path / "half") == {"BF16"}
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "half").eval()
+    assert reloaded.dtype == torch.bfloat16, "config.json must say the saved dtype"
+    with torch.no_grad():
+        got = reloaded(input_ids=IDS).logits.float()
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
+
+
+def test_create_model_card_after_training_writes_the_federated_card(tmp_path):
+    ckpt = tmp_path / "local-base"
+    make_tiny_llama().save_pretrained(ckpt)
+    trainer = _one_round(tmp_path / "out", LlamaForCausalLM.from_pretrained(ckpt))
+    trainer.save_model()
+    # what an upstream script (run_clm.py) calls after training
+    trainer.create_model_card(tasks="text-generation", dataset="counting", dataset_args="v1", tags="mine")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "federated-learning" in card and "| num_clients | 2 |" in card and "fedit" in card
+    assert "training_steps" not in card, "Trainer's own card would describe the last local round"
+    assert "pypi.org" not in card
+    title = next(line for line in card.splitlines() if line.startswith("# "))
+    assert str(tmp_path) not in title and title == "# Federated fine-tune of local-base"
+    assert "base_model:" not in card, "a local path is no Hub base_model"
+    assert "- mine" in card and "pipeline_tag: text-generation" in card and "on counting (v1)" in card
+    trainer.create_model_card(model_name="tiny-fed", finetuned_from="HuggingFaceTB/SmolLM2-135M-Instruct")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "# tiny-fed" in card and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
