@@ -293,9 +293,9 @@ def build(args: TrainingArguments, fed_args: FederatedArguments, md: ModelDataAr
     """The FederatedTrainer's keyword arguments: model, datasets, collator, tokenizer, round printer.
 
     ``data``: (train, eval) from :func:`load_data`, for a caller that reuses one tokenized copy
-    over many runs; by default it is loaded here.
+    over many runs; by default it is loaded here. Seeding is the caller's (the LoRA init draws
+    from the global RNG when the trainer wraps the model).
     """
-    set_seed(args.seed)  # server and Flower clients must start from the same model
     model, tokenizer = load_model_and_tokenizer(md, args)
     if data is None:
         keep = (fed_args.partition_column,) if fed_args.partition != "iid" and fed_args.partition_column else ()
@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, fed_args, md = parse_args(argv)
     t0 = time.perf_counter()
     with output_dir_guard(args.output_dir):
+        set_seed(args.seed)
         trainer = FederatedTrainer(**build(args, fed_args, md))
         tokenizer = trainer.processing_class
         main_proc = trainer.is_world_process_zero()

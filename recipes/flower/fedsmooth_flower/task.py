@@ -44,9 +44,12 @@ def _trainer(kwargs: dict, partition_id, config):
 
 
 def build_nlg(partition_id, config):
+    from transformers import set_seed
+
     from recipes import nlg_llama as recipe
 
     args, fed_args, md = recipe.parse_args(_argv(config))
+    set_seed(args.seed)  # PEFT draws LoRA A at random: the same init on the server and every client
     return _trainer(recipe.build(args, fed_args, md), partition_id, config)
 
 
