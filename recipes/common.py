@@ -17,6 +17,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from fedsmooth_hf import FederatedArguments
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+RESUME_LATEST = ("true", "1")  # --resume_from_checkpoint values meaning "the latest round-<k> in output_dir"
 
 
 def read_config(path: str) -> dict:
@@ -100,7 +101,7 @@ def _fit_clients_per_round(parser: HfArgumentParser, defaults: dict, config: dic
 def check_resume(args: TrainingArguments) -> None:
     """A ``--resume_from_checkpoint`` path that does not exist is an error before anything loads."""
     path = args.resume_from_checkpoint
-    if path and path.lower() not in ("true", "1") and not Path(path).exists():
+    if path and path.lower() not in RESUME_LATEST and not Path(path).exists():
         raise FileNotFoundError(
             f"--resume_from_checkpoint {path}: no such checkpoint (a round-<k> folder of a federated run; "
             f"'true' resumes from the latest one in --output_dir)"
@@ -112,7 +113,7 @@ def resume_argument(args: TrainingArguments) -> str | bool | None:
     path = args.resume_from_checkpoint
     if not path:
         return None
-    return True if path.lower() in ("true", "1") else path
+    return True if path.lower() in RESUME_LATEST else path
 
 
 @contextlib.contextmanager
