@@ -26,18 +26,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedsmooth_hf.lowrank import truncated_svd
+from benchmarks._common import RESULTS_DIR, loadavg, machine, pyplot, usable_cores  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# isort: split
+
+import torch  # noqa: E402
+
+from fedsmooth_hf.lowrank import truncated_svd  # noqa: E402
+
 DEFAULT_SHAPES = "4096x4096,11008x4096"
 QUICK_SHAPES = "1024x1024,2048x1024"
 OPTIMALITY_RTOL = 1e-4
@@ -89,36 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        load = None
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "usable_cores": usable,
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        # 1/5/15-min load average at start: other busy processes on a small machine inflate both
-        # timings, and oversubscribed OpenMP threads hurt the many short kernels of ours the most.
-        "loadavg_at_start": load,
-    }
+def machine_info() -> dict:
+    """:func:`benchmarks._common.machine`, with the cores this process may use and the Python build."""
+    return {**machine(), "usable_cores": usable_cores(), "python": platform.python_version(),
+            "platform": platform.platform(), "loadavg_at_start": loadavg()}
 
 
 def make_uploads(d_out: int, d_in: int, clients: int, rank: int, dtype: torch.dtype, seed: int):
@@ -232,8 +210,8 @@ def format_table(results: list[dict], machine: dict, settings: dict) -> str:
     lines = [
         f"Aggregation of K={settings['clients']} rank-{settings['rank']} LoRA uploads to rank {settings['rank']}"
         f" ({settings['dtype']})",
-        f"machine: {machine['cpu']} | cores {machine['usable_cores']}/{machine['cpu_count']}"
-        f" | torch {machine['torch']} | threads {machine['torch_threads']}",
+        f"machine: {machine['cpu']} | cores {machine['usable_cores']}/{machine['cores']}"
+        f" | torch {machine['torch']} | threads {machine['threads']}",
         f"load avg (1/5/15 min): start {machine['loadavg_at_start']}, end {machine.get('loadavg_at_end')}",
         f"ours: median of {settings['repeats']} | dense: fastest of {settings['dense_repeats']}",
         "",
@@ -260,10 +238,7 @@ def format_table(results: list[dict], machine: dict, settings: dict) -> str:
 
 
 def plot(results: list[dict], settings: dict, machine: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(results)
     fig, ax = plt.subplots(figsize=(2.2 + 2.0 * n, 4.2))
@@ -291,7 +266,7 @@ def plot(results: list[dict], settings: dict, machine: dict, path: Path) -> None
         )
     ax.set_title(
         f"LoRA aggregation, K={settings['clients']}, r={settings['rank']}, {settings['dtype']}\n"
-        f"{machine['cpu']}, {machine['torch_threads']} threads, torch {machine['torch']}",
+        f"{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}",
         fontsize=9,
     )
     ax.legend(fontsize=8, loc="upper left")
@@ -312,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    machine = machine_info(torch.get_num_threads())
+    machine = machine_info()
     settings = {
         "shapes": [f"{o}x{i}" for o, i in shapes],
         "clients": args.clients,
@@ -340,10 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         results.append(run_shape(d_out, d_in, args, dtype, args.seed + j))
 
-    try:
-        machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        machine["loadavg_at_end"] = None
+    machine["loadavg_at_end"] = loadavg()
     out = {
         "benchmark": "aggregation",
         "settings": settings,

@@ -24,14 +24,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import RESULTS_DIR, ROOT, pyplot, usable_cores  # noqa: E402
+
+# isort: split
+
 WORKER = ROOT / "tests" / "distributed_worker.py"
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (``taskset`` and cgroups included), not the machine's count."""
-    return len(os.sched_getaffinity(0))
 
 
 def run_mode(mode: str, processes: int, common: list[str], out: Path) -> dict:
@@ -56,10 +55,7 @@ def run_mode(mode: str, processes: int, common: list[str], out: Path) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = result["runs"]
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
@@ -80,7 +76,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--local_steps", type=int, default=8)
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=str(RESULTS_DIR))
     a = p.parse_args()
     common = ["--rounds", str(a.rounds), "--clients", str(a.clients), "--local_steps", str(a.local_steps),
               "--examples", str(16 * a.clients), "--strategy", "fedsmoothlora"]

@@ -39,20 +39,20 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import RESULTS_DIR, pyplot  # noqa: E402
+from benchmarks._common import machine as common_machine
+
+# isort: split
 
 import torch  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
-from benchmarks.overhead import machine as overhead_machine  # noqa: E402
 from fedsmooth_hf import FederatedTrainer  # noqa: E402
 from fedsmooth_hf.callbacks import FederatedCallback  # noqa: E402
 from fedsmooth_hf.strategies import available_strategies  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 CACHE_DIR = Path(os.environ.get("FEDSMOOTH_BENCH_CACHE", Path.home() / ".cache" / "fedsmooth_hf" / "bench"))
 STRATEGIES = ["fedit", "ffa_lora", "fedex_lora", "flexlora", "frlora", "fedsmoothlora"]
 REFERENCE = "fedit"
@@ -249,12 +249,10 @@ class VitTask:
     def build(self, options: dict, seed: int, out_dir: str):
         from recipes.offline_assets import load_image_classification_data
         from recipes.vit_classification import (
-            ViTForImageClassification,
-            compute_accuracy,
-            default_data_collator,
             digits_source_task,
             parse_args,
-            small_vit_config,
+            small_vit_with_fresh_head,
+            trainer_arguments,
         )
 
         options = dict(options)
@@ -272,15 +270,11 @@ class VitTask:
         train, evals, class_names, source = self._data
         if self._body is None and not self.tiny:
             self._body = pretrained_vit_body(va, args, self.tiny)
-        torch.manual_seed(seed + 1)  # the fresh head, as in the recipe
-        model = ViTForImageClassification(small_vit_config(va, len(class_names), class_names))
-        if self._body is not None:
-            model.load_state_dict(self._body, strict=False)
+        model = small_vit_with_fresh_head(va, class_names, self._body, seed)  # the recipe's fresh head
         info = {"data": source, "train": len(train), "eval": len(evals), "model": "tiny ViT from scratch"
                 if self.tiny else f"small ViT (hidden {va.vit_hidden_size}, {va.vit_layers} layers) pretrained "
                 f"{va.pretrain_steps} steps on sklearn digits"}
-        return dict(model=model, args=args, fed_args=fed_args, train_dataset=train, eval_dataset=evals,
-                    data_collator=default_data_collator, compute_metrics=compute_accuracy), info
+        return trainer_arguments(model, None, train, evals, args, fed_args, va), info
 
 
 class NlgTask:
@@ -290,27 +284,16 @@ class NlgTask:
         self._data = None
 
     def build(self, options: dict, seed: int, out_dir: str):
-        from recipes.nlg_llama import (
-            PadCollator,
-            load_model_and_tokenizer,
-            load_raw_data,
-            parse_args,
-            tokenize_dataset,
-        )
+        from recipes.nlg_llama import build, load_data, load_tokenizer, model_path, parse_args
 
         args, fed_args, md = parse_args(_tokens({**options, "output_dir": out_dir, "seed": seed, "logging_steps": 1,
                                                  "disable_tqdm": True, "use_cpu": DEVICE == "cpu"}))
-        model, tokenizer = load_model_and_tokenizer(md, args)
-        if self._data is None:
-            train_raw, eval_raw = load_raw_data(md, 0)
-            train = tokenize_dataset(train_raw, tokenizer, md)
-            evals = tokenize_dataset(eval_raw, tokenizer, md)
-            self._data = (train, evals.remove_columns([c for c in evals.column_names if c == "category"]))
+        if self._data is None:  # one fixed tokenized copy (seed 0) for every run: only the federation varies
+            self._data = load_data(md, load_tokenizer(model_path(md)), 0, keep=("category",))
         train, evals = self._data
         info = {"data": "WordNet definitions (recipes/data)", "train": len(train), "eval": len(evals),
                 "model": "SmolLM2-135M-Instruct"}
-        return dict(model=model, args=args, fed_args=fed_args, train_dataset=train, eval_dataset=evals,
-                    data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer), info
+        return build(args, fed_args, md, data=self._data), info
 
 
 class LmClassificationTask:
@@ -414,7 +397,8 @@ def run_one(task, options: dict, seed: int) -> dict:
     recorder = ClientLossRecorder()
     with tempfile.TemporaryDirectory(prefix="convergence_") as out_dir:
         kwargs, info = task.build(options, seed, out_dir)
-        trainer = FederatedTrainer(callbacks=[recorder], **kwargs)
+        kwargs["callbacks"] = [recorder]  # the sweep prints one line per run, not the recipe's per round
+        trainer = FederatedTrainer(**kwargs)
         trainer.remove_callback(PrinterCallback)  # logging_steps=1 would print every step
         t0 = time.perf_counter()
         trainer.train()
@@ -542,10 +526,7 @@ def format_markdown(summary: dict, metric: str) -> str:
 
 def plot(runs: list[dict], metric: str, title: str, path: Path) -> None:
     """Eval metric (and loss) vs round, one line per strategy: mean over seeds, shaded min..max."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
     from matplotlib.ticker import MaxNLocator
 
@@ -583,7 +564,7 @@ def plot(runs: list[dict], metric: str, title: str, path: Path) -> None:
 
 
 def machine() -> dict:
-    return {**overhead_machine(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    return {**common_machine(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
             "note": "shared machine: wall times were measured under load from other jobs"}
 
 

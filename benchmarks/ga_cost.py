@@ -34,23 +34,24 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import RESULTS_DIR, ROOT, machine, pyplot  # noqa: E402
+
+# isort: split
 
 import subprocess  # noqa: E402
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.overhead import PeakRSS, build_data, lora_model, machine, training_args  # noqa: E402
+from benchmarks.overhead import PeakRSS, build_data, lora_model, training_args  # noqa: E402
 from fedsmooth_hf import FederatedArguments, FederatedTrainer  # noqa: E402
 from fedsmooth_hf.gradients import estimate_gradient_subspaces  # noqa: E402
-from fedsmooth_hf.lora_init import get_lora_factors, lora_layers, set_offsets, clear_offsets  # noqa: E402
+from fedsmooth_hf.lora_init import clear_offsets, get_lora_factors, lora_layers, set_offsets  # noqa: E402
 from fedsmooth_hf.sketch import DenseGradient, SketchedGradient, TestMatrices, sketch_sizes  # noqa: E402
 from fedsmooth_hf.strategies import get_strategy  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 SEVEN_B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 MIB = 2**20
 
@@ -401,10 +402,7 @@ def client_rounds(kind: str, rank: int, ga_samples: int, local_steps: int, batch
 
 # ---------------------------------------------------------------------- plot
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     m, c, shapes = result["model"], result["client_rounds"], result["shapes"]
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.9))

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import threading
 import time
 from pathlib import Path
 
-import psutil
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks._common import ROOT, machine, pyplot  # noqa: E402
 
+# isort: split
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from fedsmooth_hf import FederatedArguments, FederatedTrainer  # noqa: E402
@@ -119,21 +119,8 @@ def run_federated(kind, data, strategy, clients, rounds, local_steps, batch, r, 
             "client_state_bytes": trainer.strategy.client_state_bytes()}
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "loadavg": os.getloadavg()}
-
-
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = ["plain Trainer", "FedIT", "FedSmoothLoRA"]
     walls = [results["plain"]["wall_s"], results["fedit"]["wall_s"], results["fedsmoothlora"]["wall_s"]]

@@ -25,14 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import RESULTS_DIR, pyplot  # noqa: E402
+
+# isort: split
+
+import torch  # noqa: E402
 
 from fedsmooth_hf.lora_init import lora_layers, lora_scaling  # noqa: E402
 from fedsmooth_hf.merge import base_residual, dense_base_weight, merge_into_base  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RELATIVE_SIZES = (1e-4, 1e-3, 1e-2, 1e-1)
 ROUNDS = 10
 
@@ -130,10 +133,7 @@ def run(size: int, rank: int, device: str) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rels = [r["relative_update"] for r in result["rows"]]
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=str(RESULTS_DIR))
     a = p.parse_args()
     result = run(a.size, a.rank, a.device)
     print(f"{'update':>8} | {'NF4 requant 1x':>14} {'10x':>6} | {'bf16 add 1x':>11} {'10x':>6} | "

@@ -20,13 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import RESULTS_DIR  # noqa: E402
+
+# isort: split
 from benchmarks import aggregation, ga_cost, overhead, systems  # noqa: E402
-
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
 def part_args(mode: str, out: Path, threads: int) -> dict[str, list[str]]:

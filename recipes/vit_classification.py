@@ -6,7 +6,7 @@
         --dataset_name cifar10 --image_column img --num_clients 20 --num_rounds 50 --bf16
     python recipes/vit_classification.py --model_name_or_path my/vit --dataset_name imagefolder \\
         --train_dir path/to/images                                # one sub-folder per class
-    python recipes/vit_classification.py config.yaml              # every argument from a file
+    python recipes/vit_classification.py config.yaml --num_rounds 5   # a config file, then overrides
 
 Every LoRA target is found by type (each ``nn.Linear`` except the head, whatever the
 architecture calls it); the new classification head (``--modules_to_save classifier``) is
@@ -21,12 +21,15 @@ accuracy every round and writes the merged model, ``results.json``, ``confusion_
 ``accuracy_by_round.png``. Measured: ~75% accuracy (chance 10%) in ~3 min on 2 CPU cores, half of it
 the source-task pretraining. On a machine whose cores are busy with other work, ``OMP_NUM_THREADS=1``
 avoids the thread oversubscription that slows small models down many times over.
+
+Arguments layer as command line > config file > the recipe's DEFAULTS > library defaults;
+``--help`` shows the values a run uses. ``build`` gives the FederatedTrainer's arguments: this
+recipe's ``main``, the Flower app (recipes/flower) and benchmarks/convergence.py all use it.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import sys
 import tempfile
 import time
@@ -40,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `recipes.*` unde
 from transformers import (  # noqa: E402
     AutoImageProcessor,
     AutoModelForImageClassification,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     ViTConfig,
@@ -49,9 +51,10 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-from fedsmooth_hf import FederatedArguments, FederatedTrainer
+from fedsmooth_hf import FederatedArguments, FederatedTrainer  # noqa: E402
 from fedsmooth_hf.callbacks import RoundPrinterCallback  # noqa: E402
 from fedsmooth_hf.partition import partition_summary  # noqa: E402
+from recipes.common import output_dir_guard, parse_recipe_args, resume_argument, save_and_push  # noqa: E402
 
 # Sizes of the offline default when --max_train_samples / --max_eval_samples are not given.
 OFFLINE_MAX_TRAIN = 12000
@@ -109,7 +112,7 @@ class VitArguments:
     )
 
 
-# The recipe's own defaults; anything on the command line (or in a config file) overrides them.
+# The recipe's own defaults: a config file and the command line override them.
 DEFAULTS = {
     "output_dir": "outputs/vit_fashion_mnist",
     "per_device_train_batch_size": 32,
@@ -135,34 +138,9 @@ DEFAULTS = {
 }
 
 
-def _default_tokens() -> list[str]:
-    tokens = []
-    for key, value in DEFAULTS.items():
-        tokens.append(f"--{key}")
-        if isinstance(value, list):
-            tokens.extend(str(v) for v in value)
-        else:
-            tokens.append(str(value))
-    return tokens
-
-
 def parse_args(argv: list[str] | None = None):
-    """(TrainingArguments, FederatedArguments, VitArguments) from the command line or one JSON/YAML file.
-
-    The recipe's defaults go first, so both the command line and a config file override them.
-    """
-    parser = HfArgumentParser((TrainingArguments, FederatedArguments, VitArguments))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        text = Path(argv[0]).read_text()
-        if argv[0].endswith(".json"):
-            config = json.loads(text)
-        else:
-            import yaml
-
-            config = yaml.safe_load(text) or {}
-        return parser.parse_dict({**DEFAULTS, **config})
-    return parser.parse_args_into_dataclasses(args=_default_tokens() + argv)
+    """(TrainingArguments, FederatedArguments, VitArguments): ``[config.yaml|.json] [--flag value ...]``."""
+    return parse_recipe_args(VitArguments, DEFAULTS, sys.argv[1:] if argv is None else argv)
 
 
 def compute_accuracy(eval_pred) -> dict:
@@ -287,17 +265,28 @@ def pretrain_small_vit(va: VitArguments, args: TrainingArguments, main_proc: boo
     return model.cpu().eval(), info
 
 
-def offline_model(va: VitArguments, args: TrainingArguments, class_names: list[str], main_proc: bool):
-    """The pretrained small ViT with a fresh, randomly initialised head for the target classes."""
+def head_free_weights(model) -> dict:
+    """A pretrained model's weights without its classification head: the body a new task starts from."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+
+
+def small_vit_with_fresh_head(va: VitArguments, class_names: list[str], body: dict | None, seed: int):
+    """The small ViT for the target classes: ``body`` (or random weights) and a head seeded by ``seed + 1``."""
     import torch
 
-    pretrained, info = pretrain_small_vit(va, args, main_proc)
-    torch.manual_seed(args.seed + 1)
+    torch.manual_seed(seed + 1)
     model = ViTForImageClassification(small_vit_config(va, len(class_names), class_names))
-    body = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("classifier.")}
-    missing, unexpected = model.load_state_dict(body, strict=False)
-    if unexpected or any(not k.startswith("classifier.") for k in missing):
-        raise RuntimeError(f"pretrained body does not fit the target ViT: missing {missing}, unexpected {unexpected}")
+    if body is not None:
+        missing, unexpected = model.load_state_dict(body, strict=False)
+        if unexpected or any(not k.startswith("classifier.") for k in missing):
+            raise RuntimeError(f"pretrained body does not fit the target ViT: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def offline_model(va: VitArguments, args: TrainingArguments, class_names: list[str], main_proc: bool):
+    """The pretrained small ViT with a fresh, randomly initialised head for the target classes."""
+    pretrained, info = pretrain_small_vit(va, args, main_proc)
+    model = small_vit_with_fresh_head(va, class_names, head_free_weights(pretrained), args.seed)
     if main_proc:
         print(f"[recipe] replaced the digits head by a fresh {len(class_names)}-class head for the target task")
     return model.eval(), info
@@ -505,20 +494,13 @@ def plot_accuracy_by_round(history: list[dict], chance: float, path: Path, title
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args, fed_args, va = parse_args(argv)
-    t0 = time.perf_counter()
-    set_seed(args.seed)  # the fresh head of a checkpoint is initialised before Trainer would seed
-    main_proc = args.process_index == 0
-    if va.model_name_or_path is None:
-        model, processor, train_ds, eval_ds, class_names, source, pretrain = load_offline(va, args, main_proc)
-    else:
-        model, processor, train_ds, eval_ds, class_names, source, pretrain = load_checkpoint_and_data(
-            va, args, main_proc)
+def trainer_arguments(model, processor, train_ds, eval_ds, args: TrainingArguments,
+                      fed_args: FederatedArguments, va: VitArguments) -> dict:
+    """The FederatedTrainer's keyword arguments for a classifier and its (label-encoded) data."""
     check_modules_to_save(model, fed_args)
     if fed_args.partition_column == va.label_column:
         fed_args.partition_column = LABEL  # the label column was renamed
-    trainer = FederatedTrainer(
+    return dict(
         model=model,
         args=args,
         fed_args=fed_args,
@@ -529,8 +511,38 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=compute_accuracy,
         callbacks=[RoundPrinterCallback(keys=("eval_accuracy", "eval_loss", "train_loss"))],
     )
+
+
+def build(args: TrainingArguments, fed_args: FederatedArguments, va: VitArguments) -> tuple[dict, dict]:
+    """The FederatedTrainer's keyword arguments, and what the run is about (class_names, source, pretraining)."""
+    set_seed(args.seed)  # the fresh head of a checkpoint is initialised before Trainer would seed
+    main_proc = args.process_index == 0
+    if va.model_name_or_path is None:
+        model, processor, train_ds, eval_ds, class_names, source, pretrain = load_offline(va, args, main_proc)
+    else:
+        model, processor, train_ds, eval_ds, class_names, source, pretrain = load_checkpoint_and_data(
+            va, args, main_proc)
+    kwargs = trainer_arguments(model, processor, train_ds, eval_ds, args, fed_args, va)
+    return kwargs, {"class_names": class_names, "source": source, "pretraining": pretrain}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, fed_args, va = parse_args(argv)
+    t0 = time.perf_counter()
+    main_proc = args.process_index == 0
+    with output_dir_guard(args.output_dir):
+        kwargs, run = build(args, fed_args, va)
+        return train_and_report(FederatedTrainer(**kwargs), run, args, fed_args, va, t0, main_proc)
+
+
+def train_and_report(trainer: FederatedTrainer, run: dict, args: TrainingArguments, fed_args: FederatedArguments,
+                     va: VitArguments, t0: float, main_proc: bool) -> dict:
+    """Federated training, final accuracy, plots, results.json and the merged model."""
+    train_ds, eval_ds = trainer.client_datasets, trainer.eval_dataset
+    class_names, source = run["class_names"], run["source"]
+    n_train = sum(len(c) for c in train_ds)
     if main_proc:
-        print(f"[recipe] {len(train_ds)} training images over {fed_args.num_clients} clients "
+        print(f"[recipe] {n_train} training images over {fed_args.num_clients} clients "
               f"({fed_args.partition}, {fed_args.clients_per_round} per round), {len(eval_ds)} eval images; "
               f"strategy={fed_args.strategy}, {fed_args.num_rounds} rounds x {fed_args.local_steps} local steps, "
               f"LoRA r={trainer.lora_rank} on {len(trainer.layers)} Linear layers, "
@@ -544,7 +556,7 @@ def main(argv: list[str] | None = None) -> dict:
     gc.collect()
     gc.freeze()
     try:
-        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+        trainer.train(resume_from_checkpoint=resume_argument(args))
     finally:
         gc.unfreeze()
     fed_time = time.perf_counter() - t_fed
@@ -554,7 +566,6 @@ def main(argv: list[str] | None = None) -> dict:
     predictions = np.asarray(logits).argmax(-1)
     labels = np.asarray(output.label_ids)
     accuracy = float((predictions == labels).mean())
-    trainer.save_model(args.output_dir)
     results = {}
     if main_proc:
         plot_dir = Path(va.plot_dir or args.output_dir)
@@ -573,9 +584,9 @@ def main(argv: list[str] | None = None) -> dict:
             "chance_accuracy": chance,
             "data_source": source,
             "model": va.model_name_or_path or "small ViT pretrained offline on sklearn digits",
-            "pretraining": pretrain,
+            "pretraining": run["pretraining"],
             "class_names": class_names,
-            "num_train": len(train_ds),
+            "num_train": n_train,
             "num_eval": len(eval_ds),
             "accuracy_by_round": [
                 {"round": r["round"], "eval_accuracy": r["eval_accuracy"], "eval_loss": r.get("eval_loss")}
@@ -594,17 +605,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                 "optim": str(args.optim)},
             },
         }
-        results_path = Path(args.output_dir) / "results.json"
-        results_path.write_text(json.dumps(results, indent=1))
+    results_path = save_and_push(trainer, results)
+    if main_proc:
         print(f"[recipe] final accuracy {accuracy:.4f} on {len(eval_ds)} {source} eval images "
               f"(chance {chance:.2f}); federated training {fed_time:.0f} s, total {results['wall_time_s']:.0f} s")
         print(f"[recipe] merged model (from_pretrained-loadable) saved to {args.output_dir}")
         print(f"[recipe] results: {results_path}")
         print(f"[recipe] plots: {cm_path}, {acc_path}", flush=True)
-    if args.push_to_hub:
-        url = trainer.push_to_hub()
-        if main_proc:
-            print(f"[recipe] pushed to the Hub: {url}")
     return results
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,122 @@ def test_help_and_yaml_config(ckpt, tmp_path):
     results = json.loads((tmp_path / "yaml_run" / "results.json").read_text())
     assert results["strategy"] == "fedit"
     assert torch.isfinite(torch.tensor(results["round_history"][-1]["eval_loss"]))
+
+
+# ---------------------------------------------------------------------- the newcomer's path (issue 16)
+PLAYS = ["hamlet", "macbeth", "lear", "othello"]
+
+
+def _own_jsonl(path: Path, rows: int = 40) -> Path:
+    """A user's own instruction data with a column of theirs (``play``) to split the clients by."""
+    lines = [json.dumps({"instruction": f'Quote line {i} of {PLAYS[i % 4]}.', "output": f"line {i} of the play",
+                         "play": PLAYS[i % 4]}) for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _tiny_own_data_args(ckpt, tmp_path) -> list[str]:
+    return ["--model_name_or_path", str(ckpt), "--data_files", str(_own_jsonl(tmp_path / "plays.jsonl")),
+            "--num_clients", "2", "--clients_per_round", "2", "--num_rounds", "1", "--local_steps", "1",
+            "--per_device_train_batch_size", "4", "--ga_samples", "4", "--ga_batch_size", "4",
+            "--max_new_tokens", "2", "--max_length", "64", "--disable_tqdm", "true"]
+
+
+@pytest.mark.parametrize("partition", ["column", "dirichlet"])
+def test_own_jsonl_split_by_a_column_of_the_users(ckpt, tmp_path, capsys, partition):
+    from recipes.nlg_llama import main
+
+    out = tmp_path / "run"
+    results = main([*_tiny_own_data_args(ckpt, tmp_path), "--partition", partition, "--partition_column", "play",
+                    "--output_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert "top play" in printed, printed  # the per-client table, by the user's column
+    assert [r["round"] for r in results["round_history"]] == [0, 1]
+    assert (out / "results.json").is_file()
+
+
+def _help_defaults(text: str) -> dict:
+    """flag -> the '(default: X)' that `--help` prints for it."""
+    flat = " ".join(text.split("options:", 1)[1].split())  # the entries, not the usage line
+    found = {}
+    for flag in ("num_clients", "clients_per_round", "ga_samples", "partition", "partition_column",
+                 "learning_rate", "max_eval_samples", "lora_alpha"):
+        match = re.search(rf"--{flag} {flag.upper()}\b.*?\(default: ([^)]*)\)", flat)
+        assert match, f"--{flag} not in --help"
+        found[flag] = match.group(1)
+    return found
+
+
+def test_help_shows_the_recipe_defaults(capsys):
+    from recipes.nlg_llama import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert _help_defaults(text) == {"num_clients": "8", "clients_per_round": "4", "ga_samples": "16",
+                                    "partition": "column", "partition_column": "category",
+                                    "learning_rate": "0.0005", "max_eval_samples": "64", "lora_alpha": "16"}
+    assert "5 percent of the training rows" in " ".join(text.split())  # --eval_files, no stray '%' format
+
+
+def _parsed(args, fed, md) -> dict:
+    training = args.to_dict()
+    training.pop("logging_dir", None)  # derived from output_dir and the clock when not given
+    return {"training": training, "federated": fed.to_dict(), "recipe": vars(md)}
+
+
+def test_config_file_and_command_line_give_the_same_arguments(tmp_path):
+    from recipes.nlg_llama import DEFAULTS, parse_args
+
+    values = {"output_dir": str(tmp_path / "o"), "strategy": "fedit", "num_clients": 2, "lora_alpha": 32,
+              "learning_rate": "1e-3", "target_modules": ["q_proj", "v_proj"], "bf16": False, "max_length": 40,
+              "input_column": "context", "report_to": "none"}
+    tokens = []
+    for key, value in values.items():
+        tokens += [f"--{key}", *(value if isinstance(value, list) else [str(value)])]
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
+    json_file = tmp_path / "run.json"
+    json_file.write_text(json.dumps(values))
+    from_command_line = _parsed(*parse_args(tokens))
+    assert _parsed(*parse_args([str(yaml_file)])) == from_command_line
+    assert _parsed(*parse_args([str(json_file)])) == from_command_line
+    args, fed, md = parse_args([str(yaml_file)])
+    # the recipe's defaults lie under the file; the user's num_clients 2 caps the recipe's clients_per_round 4
+    assert (fed.ga_samples, md.max_eval_samples, args.learning_rate) == (DEFAULTS["ga_samples"], 64, 1e-3)
+    assert fed.lora_alpha == 32.0 and fed.clients_per_round == 2 and fed.target_modules == ["q_proj", "v_proj"]
+    # the command line overrides the file
+    args, fed, md = parse_args([str(yaml_file), "--num_rounds", "7", "--learning_rate", "2e-3"])
+    assert (fed.num_rounds, args.learning_rate, fed.strategy) == (7, 2e-3, "fedit")
+    (tmp_path / "bad.yaml").write_text("num_client: 2\n")
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['num_client'\]"):
+        parse_args([str(tmp_path / "bad.yaml")])
+
+
+def test_resume_from_a_missing_checkpoint_is_an_error_and_leaves_no_output_dir(ckpt, tmp_path):
+    from recipes.nlg_llama import main
+
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="--resume_from_checkpoint .*no_such_round"):
+        main([*_tiny_own_data_args(ckpt, tmp_path), "--output_dir", str(out), "--partition", "iid",
+              "--resume_from_checkpoint", str(tmp_path / "no_such_round")])
+    # 'true' with no checkpoint in output_dir fails once the trainer exists: its output_dir goes again
+    with pytest.raises(ValueError, match="no federated checkpoint"):
+        main([*_tiny_own_data_args(ckpt, tmp_path), "--output_dir", str(out), "--partition", "iid",
+              "--resume_from_checkpoint", "true"])
+    assert not out.exists()
+
+
+def test_malformed_jsonl_names_the_file_and_the_row(ckpt, tmp_path):
+    from recipes.nlg_llama import main
+
+    args = _tiny_own_data_args(ckpt, tmp_path)
+    data = tmp_path / "plays.jsonl"
+    lines = data.read_text().splitlines()
+    lines[6] = lines[6][:-1]  # row 7 loses its closing brace
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(data))}: row 7 is not valid JSON"):
+        main([*args, "--output_dir", str(out), "--partition", "iid"])
+    assert not out.exists()

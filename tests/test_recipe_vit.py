@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,27 @@ def test_any_checkpoint_on_an_image_folder_from_a_json_config(tmp_path):
     model = AutoModelForImageClassification.from_pretrained(out).eval()
     assert model.config.num_labels == 3 and model.config.id2label[0] == "blue"
     assert AutoImageProcessor.from_pretrained(out).size == {"height": 16, "width": 16}
+
+
+def test_help_shows_the_recipe_defaults_and_config_files_equal_flags(tmp_path, capsys):
+    recipe = _recipe()
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--help"])
+    entries = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())
+    for flag, shown in (("num_clients", "10"), ("learning_rate", "0.005"), ("partition", "dirichlet"),
+                        ("ga_samples", "32"), ("num_rounds", "20")):
+        assert re.search(rf"--{flag} {flag.upper()}\b.*?\(default: {re.escape(shown)}\)", entries), flag
+
+    values = {"output_dir": str(tmp_path / "o"), "num_clients": 4, "lora_alpha": 8, "learning_rate": "1e-3",
+              "modules_to_save": ["classifier"], "patch_size": 4, "use_cpu": True}
+    tokens = [t for k, v in values.items() for t in (f"--{k}", *(v if isinstance(v, list) else [str(v)]))]
+    (tmp_path / "c.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
+
+    def parsed(args, fed, va):
+        training = args.to_dict()
+        training.pop("logging_dir", None)  # derived from output_dir and the clock when not given
+        return training, fed.to_dict(), vars(va)
+
+    assert parsed(*recipe.parse_args([str(tmp_path / "c.yaml")])) == parsed(*recipe.parse_args(tokens))
+    args, fed, va = recipe.parse_args([str(tmp_path / "c.yaml"), "--num_rounds", "3"])
+    assert (fed.num_rounds, fed.lora_alpha, args.learning_rate, va.patch_size) == (3, 8.0, 1e-3, 4)

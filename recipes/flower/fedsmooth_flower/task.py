@@ -31,59 +31,36 @@ def _argv(config) -> list[str]:
     return shlex.split(str(config.get("recipe-args", ""))) + shlex.split(str(config.get("local-args", "")))
 
 
-def _clients(fed_args, train_ds, partition_id, config):
-    """The whole federation's data (split as on one machine) or, with ``local-data``, this node's own."""
-    if partition_id is not None and bool(config.get("local-data", False)):
-        return dataclasses.replace(fed_args, num_clients=1, clients_per_round=1), {"client_datasets": [train_ds]}
-    return fed_args, {"train_dataset": train_ds}
+def _trainer(kwargs: dict, partition_id, config):
+    """A recipe's trainer for the server (it evaluates) or one client: all the data split, or its own."""
+    from fedsmooth_hf import FederatedTrainer
+
+    if partition_id is not None:
+        kwargs["eval_dataset"] = None  # only the server evaluates the global model
+        if bool(config.get("local-data", False)):
+            kwargs["fed_args"] = dataclasses.replace(kwargs["fed_args"], num_clients=1, clients_per_round=1)
+            kwargs["client_datasets"] = [kwargs.pop("train_dataset")]
+    return FederatedTrainer(**kwargs)
 
 
 def build_nlg(partition_id, config):
     from transformers import set_seed
 
-    from fedsmooth_hf import FederatedTrainer
-    from fedsmooth_hf.callbacks import RoundPrinterCallback
     from recipes import nlg_llama as recipe
 
     args, fed_args, md = recipe.parse_args(_argv(config))
-    set_seed(args.seed)
-    model, tokenizer = recipe.load_model_and_tokenizer(md, args)
-    train_raw, eval_raw = recipe.load_raw_data(md, args.seed)
-    train_ds = recipe.tokenize_dataset(train_raw, tokenizer, md)
-    eval_ds = None
-    if partition_id is None:  # only the server evaluates the global model
-        eval_ds = recipe.tokenize_dataset(eval_raw, tokenizer, md)
-        eval_ds = eval_ds.remove_columns([c for c in eval_ds.column_names if c == "category"])
-    fed_args, data = _clients(fed_args, train_ds, partition_id, config)
-    return FederatedTrainer(model=model, args=args, fed_args=fed_args, eval_dataset=eval_ds,
-                            data_collator=recipe.PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                            callbacks=[RoundPrinterCallback(keys=("train_loss", "eval_loss"), perplexity=True)],
-                            **data)
+    set_seed(args.seed)  # PEFT draws LoRA A at random: the same init on the server and every client
+    return _trainer(recipe.build(args, fed_args, md), partition_id, config)
 
 
 def build_vit(partition_id, config):
-    from transformers import default_data_collator, set_seed
-
-    from fedsmooth_hf import FederatedTrainer
+    # the offline default pretrains a small ViT (seeded, so every process on one machine gets the
+    # same body; the server checks every client's base model against its own before round 1)
     from recipes import vit_classification as recipe
 
     args, fed_args, va = recipe.parse_args(_argv(config))
-    set_seed(args.seed)
-    main_proc = args.process_index == 0
-    if va.model_name_or_path is None:
-        # the offline default pretrains a small ViT (seeded, so every process on one machine gets the
-        # same body; the server checks every client's base model against its own before round 1)
-        model, processor, train_ds, eval_ds, *_ = recipe.load_offline(va, args, main_proc)
-    else:
-        model, processor, train_ds, eval_ds, *_ = recipe.load_checkpoint_and_data(va, args, main_proc)
-    recipe.check_modules_to_save(model, fed_args)
-    if fed_args.partition_column == va.label_column:
-        fed_args.partition_column = recipe.LABEL
-    fed_args, data = _clients(fed_args, train_ds, partition_id, config)
-    return FederatedTrainer(model=model, args=args, fed_args=fed_args,
-                            eval_dataset=eval_ds if partition_id is None else None,
-                            data_collator=default_data_collator, processing_class=processor,
-                            compute_metrics=recipe.compute_accuracy, **data)
+    kwargs, _ = recipe.build(args, fed_args, va)
+    return _trainer(kwargs, partition_id, config)
 
 
 def build_trainer(partition_id, config):
