@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from benchmarks.overhead import PeakRSS, build_data, lora_model, training_args  # noqa: E402
 from fedsmooth_hf import FederatedArguments, FederatedTrainer  # noqa: E402
 from fedsmooth_hf.gradients import estimate_gradient_subspaces  # noqa: E402
-from fedsmooth_hf.lora_init import clear_offsets, get_lora_factors, lora_layers, set_offsets  # noqa: E402
+from fedsmooth_hf.adapter import clear_offsets, get_lora_factors, lora_layers, set_offsets  # noqa: E402
 from fedsmooth_hf.sketch import DenseGradient, SketchedGradient, TestMatrices, sketch_sizes  # noqa: E402
 from fedsmooth_hf.strategies import get_strategy  # noqa: E402
 

@@ -79,7 +79,7 @@ def build_data(n: int, vocab: int, seq_len: int):
 def lora_model(kind: str, r: int):
     from peft import LoraConfig, get_peft_model
 
-    from fedsmooth_hf.trainer import find_target_modules
+    from fedsmooth_hf.adapter import find_target_modules
 
     model = build_model(kind)
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=find_target_modules(model)))

@@ -33,7 +33,7 @@ from benchmarks._common import RESULTS_DIR, pyplot  # noqa: E402
 
 import torch  # noqa: E402
 
-from fedsmooth_hf.lora_init import lora_layers, lora_scaling  # noqa: E402
+from fedsmooth_hf.adapter import lora_layers, lora_scaling  # noqa: E402
 from fedsmooth_hf.merge import base_residual, dense_base_weight, merge_into_base  # noqa: E402
 
 RELATIVE_SIZES = (1e-4, 1e-3, 1e-2, 1e-1)

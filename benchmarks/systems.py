@@ -76,7 +76,7 @@ def _factor_bytes(factors) -> int:
 
 def analytic_upload_bytes(model, rank: int, bytes_per_number: int = 4) -> tuple[int, int]:
     """(sum over LoRA target modules of r (d_in + d_out) * bytes, number of modules)."""
-    from fedsmooth_hf.trainer import find_target_modules
+    from fedsmooth_hf.adapter import find_target_modules
 
     modules = dict(model.named_modules())
     shapes = [modules[name].weight.shape for name in find_target_modules(model)]
@@ -145,7 +145,7 @@ def communication(out_dir: Path, smoke: bool = False) -> dict:
 
 
 def _target_linears(trainer):
-    from fedsmooth_hf.lora_init import lora_layers
+    from fedsmooth_hf.adapter import lora_layers
 
     return [layer.base_layer for layer in lora_layers(trainer.model).values()]
 
