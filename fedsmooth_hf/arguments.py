@@ -99,6 +99,11 @@ class FederatedArguments:
         default=None,
         metadata={"help": "Column to split by: the category for 'column', the label for 'dirichlet' (default label/labels)."},
     )
+    prox_mu: float = field(
+        default=0.0,
+        metadata={"help": "FedProx: add prox_mu/2 * ||theta - theta_start||^2 over the trained parameters to every "
+                          "client's local loss (any strategy; 0 = off). The logged training loss includes it."},
+    )
     save_rounds: int = field(default=0, metadata={"help": "Checkpoint every N rounds (0: only after the last round)."})
     eval_rounds: int = field(default=1, metadata={"help": "Evaluate the global model every N rounds (0: never)."})
     on_client_failure: str = field(
@@ -151,6 +156,8 @@ class FederatedArguments:
             bad("partition_column", "partition='column' needs the name of the column to split by")
         if self.dirichlet_alpha <= 0:
             bad("dirichlet_alpha", "must be > 0")
+        if not self.prox_mu >= 0:
+            bad("prox_mu", "must be >= 0 (0 turns FedProx off)")
         if self.save_rounds < 0:
             bad("save_rounds", "must be >= 0")
         if self.eval_rounds < 0:

@@ -60,6 +60,7 @@ from .merge import (
     merge_into_base,
 )
 from .partition import partition_dataset, partition_summary
+from .proximal import ProximalTerm
 from .strategies import FederatedStrategy, ServerUpdate, strategy_from_options
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,10 @@ class FederatedTrainer(Trainer):
             **kwargs,
         )
         self._zero3 = is_zero3(self.accelerator)
+        if fa.prox_mu > 0 and self._zero3:
+            raise ValueError("FederatedArguments.prox_mu > 0 is not supported under ZeRO-3: the proximal term needs "
+                             "whole parameters on every rank; use ZeRO-2 or no DeepSpeed")
+        self._proximal: ProximalTerm | None = None  # FedProx, live during a local round
         self._check_client_parallel()
         self.layers = lora_layers(self.model, ADAPTER)
         self.strategy: FederatedStrategy = strategy_from_options(
@@ -455,6 +460,23 @@ class FederatedTrainer(Trainer):
                     raise ClientTrainingError(round_number, client, f"non-finite gradient of '{bad}' at local step {step}")
         return loss
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss, plus FedProx's proximal term while a local round trains.
+
+        The term enters each optimizer step once: where Trainer divides micro-batch losses
+        by the accumulation steps it is added whole, where the loss is already normalized
+        over the accumulated batch it is added in equal shares.
+        """
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._proximal is None or not model.training:
+            return out
+        loss, outputs = out if return_outputs else (out, None)
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        loss = loss + self._proximal() / (self.current_gradient_accumulation_steps if scaled else 1)
+        return (loss, outputs) if return_outputs else loss
+
     def evaluate(self, *args, **kwargs):
         """Evaluate the current model; under DeepSpeed without a live engine as well.
 
@@ -488,6 +510,8 @@ class FederatedTrainer(Trainer):
             apply_client_start(self.layers, start.lora, start.offsets, start.train_A, start.train_B, ADAPTER)
         overhead = time.perf_counter() - t_start
         self.train_dataset = self.client_datasets[client]
+        if self.fed_args.prox_mu > 0:
+            self._proximal = ProximalTerm(self.model, self.fed_args.prox_mu)
         set_seed(seed)  # data order and dropout of this local round
         t0 = time.perf_counter()
         try:
@@ -495,6 +519,7 @@ class FederatedTrainer(Trainer):
                 out = super().train(ignore_keys_for_eval=ignore_keys_for_eval)
         finally:
             self._step_offset += self.state.global_step
+            self._proximal = None
             self._release_engine()
             clear_offsets(self.layers)
         with self._gathered():
