@@ -104,6 +104,19 @@ class FederatedArguments:
         metadata={"help": "FedProx: add prox_mu/2 * ||theta - theta_start||^2 over the trained parameters to every "
                           "client's local loss (any strategy; 0 = off). The logged training loss includes it."},
     )
+    server_optimizer: str = field(
+        default="none",
+        metadata={"help": "Server step on the round's pseudo-gradient (aggregate - current): none, avgm, adam, yogi, "
+                          "adagrad. Strategies that merge a low-rank product (all but fedit, ffa_lora) take avgm only."},
+    )
+    server_lr: float | None = field(
+        default=None, metadata={"help": "Server learning rate (default: 1.0 for avgm, 0.01 for adam/yogi/adagrad)."}
+    )
+    server_momentum: float = field(default=0.9, metadata={"help": "avgm: momentum of the server step."})
+    server_betas: list[float] = field(
+        default_factory=lambda: [0.9, 0.99], metadata={"help": "adam/yogi/adagrad: moment decay rates b1 b2."}
+    )
+    server_tau: float = field(default=1e-3, metadata={"help": "adam/yogi/adagrad: adaptivity floor of the step."})
     save_rounds: int = field(default=0, metadata={"help": "Checkpoint every N rounds (0: only after the last round)."})
     eval_rounds: int = field(default=1, metadata={"help": "Evaluate the global model every N rounds (0: never)."})
     on_client_failure: str = field(
@@ -158,6 +171,10 @@ class FederatedArguments:
             bad("dirichlet_alpha", "must be > 0")
         if not self.prox_mu >= 0:
             bad("prox_mu", "must be >= 0 (0 turns FedProx off)")
+        if len(self.server_betas) != 2:
+            bad("server_betas", "needs two values, b1 and b2")
+        server_optimizer = self.make_server_optimizer(rank=1)  # names the field of any bad setting
+        server_optimizer.check_strategy(strategy_class(self.strategy))
         if self.save_rounds < 0:
             bad("save_rounds", "must be >= 0")
         if self.eval_rounds < 0:
@@ -183,6 +200,13 @@ class FederatedArguments:
             "ga_init": self.ga_init,
             "ga_estimator": self.ga_estimator,
         }
+
+    def make_server_optimizer(self, rank: int):
+        """The :class:`~fedsmooth_hf.server_optim.ServerOptimizer` these arguments describe (momentum at ``rank``)."""
+        from .server_optim import ServerOptimizer
+
+        return ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum,
+                               tuple(self.server_betas), self.server_tau, rank)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -175,6 +175,9 @@ class FederatedTrainer(Trainer):
             n for n, p in self.model.named_parameters() if p.requires_grad and not self._is_lora_param(n)
         ]
         self.strategy.setup(get_lora_factors(self.layers, ADAPTER))
+        self.server_optimizer = fa.make_server_optimizer(rank=self.lora_rank)
+        if self.server_optimizer.describe():
+            logger.info("server optimizer: %s", self.server_optimizer.describe())
         self._check_ga_samples()
         self.round_history: list[dict] = []
         self._round_ctx: tuple[int, int | None] | None = None  # (round number, client) for logs
@@ -656,7 +659,9 @@ class FederatedTrainer(Trainer):
         if not uploads:
             raise ClientTrainingError(number, None, f"every sampled client failed: {failed}")
         self._round_ctx = (number, None)
+        previous = self.strategy.global_lora()
         update = self.strategy.aggregate(uploads, weights)
+        update = self.server_optimizer.step(update, previous, self.strategy.server_space)
         total = sum(weights.values())
         self.apply_server_update(update, {k: v / total for k, v in extra_sum.items()} if extra_sum else None)
         record = {
@@ -770,7 +775,7 @@ class FederatedTrainer(Trainer):
             "rng": rng_state(),
         }
         return save_checkpoint(self.args.output_dir, round_number, tensors,
-                               self.strategy.state_dict(), state)
+                               {**self.strategy.state_dict(), **self.server_optimizer.state_dict()}, state)
 
     @torch.no_grad()
     def load_federated_checkpoint(self, path) -> int:
@@ -784,6 +789,7 @@ class FederatedTrainer(Trainer):
         residual_shapes = {n: (layer.out_features, layer.in_features) for n, layer in self.layers.items()
                            if keeps_residual(layer.get_base_layer())}
         check_model_tensors(path, model_tensors, self._model_tensors(), residual_shapes)
+        optimizer_tensors = {k: strategy_tensors.pop(k) for k in list(strategy_tensors) if k.startswith("opt_")}
         check_strategy_tensors(path, strategy_tensors, self.strategy)
         restore_rng_state(path, state)
         for name, layer in self.layers.items():
@@ -797,6 +803,7 @@ class FederatedTrainer(Trainer):
                 res.A = model_tensors[f"residual/{name}/A"].to(device)
         self._set_extras({k[len("extra/"):]: v for k, v in model_tensors.items() if k.startswith("extra/")})
         self.strategy.load_state_dict(strategy_tensors)
+        self.server_optimizer.load_state_dict(optimizer_tensors)
         self.round_history = list(state.get("round_history", []))
         self._step_offset = int(state.get("step_offset", 0))
         self._load_global_adapter()

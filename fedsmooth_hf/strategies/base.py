@@ -162,6 +162,9 @@ class FederatedStrategy:
     name: str = ""
     #: whether :meth:`client_start` needs the full-weight gradient of each target layer
     needs_gradient: bool = False
+    #: what a server optimizer steps (``server_optim``): ``"factors"`` when the global model is an
+    #: adapter whose factors are averaged, ``"product"`` when a round moves it by a low-rank product
+    server_space: str = "product"
 
     def __init__(self, rank: int, num_rounds: int = 1):
         if rank < 1:

@@ -14,6 +14,7 @@ from .registry import register_strategy
 @register_strategy
 class FedIT(GlobalAdapterStrategy):
     name = "fedit"
+    server_space = "factors"
 
     def aggregate(self, uploads, weights):
         w = self._validated(uploads, weights)

@@ -13,6 +13,7 @@ from .registry import register_strategy
 @register_strategy
 class FFALoRA(GlobalAdapterStrategy):
     name = "ffa_lora"
+    server_space = "factors"
 
     def client_start(self, client, grads=None):
         return ClientStart(lora=self._global, train_A=False)
