@@ -99,6 +99,12 @@ class FederatedArguments:
         default=None,
         metadata={"help": "Column to split by: the category for 'column', the label for 'dirichlet' (default label/labels)."},
     )
+    client_eval_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Hold out this seeded share of every client's data (never trained on) and evaluate the "
+                          "global model on each client's share every eval round: per-client metrics, mean, std, worst "
+                          "(0 = off)."},
+    )
     prox_mu: float = field(
         default=0.0,
         metadata={"help": "FedProx: add prox_mu/2 * ||theta - theta_start||^2 over the trained parameters to every "
@@ -169,6 +175,8 @@ class FederatedArguments:
             bad("partition_column", "partition='column' needs the name of the column to split by")
         if self.dirichlet_alpha <= 0:
             bad("dirichlet_alpha", "must be > 0")
+        if not 0 <= self.client_eval_fraction < 1:
+            bad("client_eval_fraction", "must lie in [0, 1) (0 turns per-client evaluation off)")
         if not self.prox_mu >= 0:
             bad("prox_mu", "must be >= 0 (0 turns FedProx off)")
         if len(self.server_betas) != 2:

@@ -59,7 +59,8 @@ from .merge import (
     keeps_residual,
     merge_into_base,
 )
-from .partition import partition_dataset, partition_summary
+from .partition import partition_dataset, partition_summary, plot_partition
+from .client_eval import split_for_evaluation, summarize_client_metrics
 from .proximal import ProximalTerm
 from .strategies import FederatedStrategy, ServerUpdate, strategy_from_options
 
@@ -146,6 +147,13 @@ class FederatedTrainer(Trainer):
         if args is None:
             args = TrainingArguments(output_dir="fedsmooth_output", report_to="none")
         self.client_datasets = self._resolve_clients(train_dataset, client_datasets, args.seed)
+        self._partitioned = client_datasets is None  # the trainer split train_dataset: partition.png shows how
+        self.client_eval_datasets: list | None = None  # held-out split per client (client_eval_fraction)
+        if fa.client_eval_fraction > 0:
+            splits = [split_for_evaluation(ds, fa.client_eval_fraction, args.seed, c)
+                      for c, ds in enumerate(self.client_datasets)]
+            self.client_datasets = [train for train, _ in splits]
+            self.client_eval_datasets = [held for _, held in splits]
         # an IID split is known only when we made it; user-given clients may be anything
         iid_data = None if client_datasets is not None else fa.partition == "iid"
         model = self._ensure_peft(model)
@@ -595,6 +603,8 @@ class FederatedTrainer(Trainer):
             if path is None:
                 raise ValueError(f"no federated checkpoint (round-<k>/) found in {self.args.output_dir}")
             start_round = self.load_federated_checkpoint(path)
+        if start_round == 0:
+            self._save_partition_plot()
         if not self.args.disable_tqdm:
             total = fa.num_rounds * fa.clients_per_round
             self._progress = FederatedProgressCallback(total, initial=start_round * fa.clients_per_round)
@@ -622,9 +632,24 @@ class FederatedTrainer(Trainer):
         metrics.update({k: v for k, v in last.items() if isinstance(v, float)})
         return TrainOutput(self._step_offset, float(last.get("train_loss", float("nan"))), metrics)
 
+    def _save_partition_plot(self) -> None:
+        """``output_dir/partition.png``: the clients' split by label or category (process 0, with matplotlib)."""
+        if not self._partitioned or not self.args.should_save:
+            return
+        first = self.client_datasets[0]
+        columns = getattr(first, "column_names", [])
+        column = self.fed_args.partition_column or next((c for c in ("label", "labels") if c in columns), None)
+        path = Path(self.args.output_dir) / "partition.png"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            plot_partition(self.client_datasets, column, path,
+                           title=f"{self.fed_args.partition} partition over {len(self.client_datasets)} clients")
+        except ImportError:
+            logger.info("matplotlib is not installed: no partition.png")
+
     def _eval_due(self, round_idx: int) -> bool:
         fa = self.fed_args
-        if self.eval_dataset is None or fa.eval_rounds == 0:
+        if (self.eval_dataset is None and self.client_eval_datasets is None) or fa.eval_rounds == 0:
             return False
         return round_idx < 0 or (round_idx + 1) % fa.eval_rounds == 0 or round_idx + 1 == fa.num_rounds
 
@@ -738,12 +763,28 @@ class FederatedTrainer(Trainer):
         self._round_ctx = (number, None)
         with self._gathered(modify=True):
             self._load_global_adapter()
-        metrics = self.evaluate(ignore_keys=ignore_keys_for_eval)
-        out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        out = {}
+        if self.eval_dataset is not None:
+            metrics = self.evaluate(ignore_keys=ignore_keys_for_eval)
+            out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.client_eval_datasets is not None:
+            out.update(self.evaluate_clients(ignore_keys_for_eval))
         if record:
             self.round_history.append({"round": number, **out})
             self._fire("on_round_end", round=number, metrics=self.round_history[-1])
         return out
+
+    def evaluate_clients(self, ignore_keys_for_eval=None) -> dict:
+        """The current model on every client's held-out split: per-client metrics, mean, std, worst."""
+        per_client = {}
+        for client, held in enumerate(self.client_eval_datasets or []):
+            metrics = self.evaluate(eval_dataset=held, ignore_keys=ignore_keys_for_eval, metric_key_prefix="eval")
+            per_client[client] = {k.removeprefix("eval_"): float(v) for k, v in metrics.items()
+                                  if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_per_second"))
+                                  and k != "epoch"}
+        summary = summarize_client_metrics(per_client)
+        self.log({k: v for k, v in summary.items() if isinstance(v, float)})
+        return summary
 
     # ------------------------------------------------------------------ checkpoints
     def _model_tensors(self) -> dict[str, torch.Tensor]:

@@ -38,3 +38,18 @@ def test_without_the_column_each_bar_is_the_client_size():
     clients = [list(range(n)) for n in (5, 9, 2)]  # plain lists: no column to read
     totals = _bars_by_client(plot_partition(clients, None))
     assert [totals[k] for k in range(3)] == [5, 9, 2]
+
+
+def test_trainer_saves_partition_png_of_its_split(tmp_path):
+    from conftest import make_counting_dataset, make_tiny_llama
+    from transformers import TrainingArguments
+
+    from fedsmooth_hf import FederatedArguments, FederatedTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none",
+                             use_cpu=True, disable_tqdm=True, save_strategy="no")
+    fed = FederatedArguments(num_clients=3, num_rounds=1, local_steps=1, lora_r=2, lora_alpha=4, strategy="fedit",
+                             partition="column", partition_column="category", eval_rounds=0)
+    trainer = FederatedTrainer(model=make_tiny_llama(), args=args, fed_args=fed, train_dataset=make_counting_dataset(24))
+    trainer.train()
+    assert (tmp_path / "partition.png").read_bytes()[:4] == b"\x89PNG"
