@@ -99,6 +99,11 @@ class FederatedArguments:
         default=None,
         metadata={"help": "Column to split by: the category for 'column', the label for 'dirichlet' (default label/labels)."},
     )
+    client_ranks: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Heterogeneous ranks: one LoRA rank per client (<= lora_r), or a shorter pattern that "
+                          "repeats (e.g. 2 4 8). Empty: every client at lora_r."},
+    )
     client_eval_fraction: float = field(
         default=0.0,
         metadata={"help": "Hold out this seeded share of every client's data (never trained on) and evaluate the "
@@ -175,6 +180,13 @@ class FederatedArguments:
             bad("partition_column", "partition='column' needs the name of the column to split by")
         if self.dirichlet_alpha <= 0:
             bad("dirichlet_alpha", "must be > 0")
+        if self.client_ranks:
+            from .client_rank import resolve_client_ranks
+
+            try:
+                resolve_client_ranks(self.client_ranks, self.num_clients, self.lora_r)
+            except ValueError as error:
+                bad("client_ranks", str(error).removeprefix("client_ranks: "))
         if not 0 <= self.client_eval_fraction < 1:
             bad("client_eval_fraction", "must lie in [0, 1) (0 turns per-client evaluation off)")
         if not self.prox_mu >= 0:

@@ -328,7 +328,11 @@ def _client_counts(client_datasets: Sequence[Any], column: str | None) -> list[C
     counts = []
     for client in client_datasets:
         if column is not None and _is_hf_dataset(client) and column in client.column_names:
-            counts.append(Counter(list(client.with_format(None)[column])))
+            values = list(client.with_format(None)[column])
+            if values and not isinstance(values[0], Hashable):
+                raise ValueError(f"plot_partition: column {column!r} holds {type(values[0]).__name__} values, not "
+                                 "labels or categories")
+            counts.append(Counter(values))
         else:
             counts.append(Counter({"all": len(client)}))
     return counts

@@ -61,6 +61,7 @@ from .merge import (
 )
 from .partition import partition_dataset, partition_summary, plot_partition
 from .client_eval import split_for_evaluation, summarize_client_metrics
+from .client_rank import RankMask, pad_factors, resolve_client_ranks, truncate_factors
 from .proximal import ProximalTerm
 from .strategies import FederatedStrategy, ServerUpdate, strategy_from_options
 
@@ -184,6 +185,8 @@ class FederatedTrainer(Trainer):
         ]
         self.strategy.setup(get_lora_factors(self.layers, ADAPTER))
         self.server_optimizer = fa.make_server_optimizer(rank=self.lora_rank)
+        self.strategy.set_client_ranks(dict(enumerate(resolve_client_ranks(fa.client_ranks, fa.num_clients,
+                                                                           self.lora_rank))))
         if self.server_optimizer.describe():
             logger.info("server optimizer: %s", self.server_optimizer.describe())
         self._check_ga_samples()
@@ -518,7 +521,10 @@ class FederatedTrainer(Trainer):
                 grads = self._estimate_gradients(client, seed, self.strategy.gradient_point(client))
             start = self.strategy.client_start(client, grads)
             del grads
-            apply_client_start(self.layers, start.lora, start.offsets, start.train_A, start.train_B, ADAPTER)
+            rank = self.strategy.client_rank(client)  # below lora_r: zero-padded, the rest masked (client_rank.py)
+            apply_client_start(self.layers, pad_factors(start.lora, self.lora_rank), start.offsets,
+                               start.train_A, start.train_B, ADAPTER)
+        mask = RankMask(self.layers, rank, ADAPTER) if rank < self.lora_rank else None
         overhead = time.perf_counter() - t_start
         self.train_dataset = self.client_datasets[client]
         if self.fed_args.prox_mu > 0:
@@ -531,10 +537,12 @@ class FederatedTrainer(Trainer):
         finally:
             self._step_offset += self.state.global_step
             self._proximal = None
+            if mask is not None:
+                mask.remove()
             self._release_engine()
             clear_offsets(self.layers)
         with self._gathered():
-            trained = get_lora_factors(self.layers, ADAPTER)
+            trained = truncate_factors(get_lora_factors(self.layers, ADAPTER), rank)
             extras = self._extras()
         if not math.isfinite(out.training_loss):
             raise ClientTrainingError(round_idx + 1, client, f"non-finite training loss {out.training_loss}")
@@ -638,7 +646,9 @@ class FederatedTrainer(Trainer):
             return
         first = self.client_datasets[0]
         columns = getattr(first, "column_names", [])
-        column = self.fed_args.partition_column or next((c for c in ("label", "labels") if c in columns), None)
+        column = self.fed_args.partition_column or next(
+            (c for c in ("label", "labels") if c in columns and len(first) and isinstance(first[0][c], (int, str))), None
+        )  # a causal LM's "labels" are token lists, not classes
         path = Path(self.args.output_dir) / "partition.png"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

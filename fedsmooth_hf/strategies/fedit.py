@@ -18,5 +18,5 @@ class FedIT(GlobalAdapterStrategy):
 
     def aggregate(self, uploads, weights):
         w = self._validated(uploads, weights)
-        self._global = weighted_factor_mean(uploads, w)
+        self._global = weighted_factor_mean(self._padded(uploads), w)
         return ServerUpdate(merge={}, global_lora=self._global)
