@@ -106,7 +106,38 @@ class FederatedArguments:
         default=None,
         metadata={"help": "Column to split by: the category for 'column', the label for 'dirichlet' (default label/labels)."},
     )
-    save_rounds: int = field(default=0, metadata={"help": "Checkpoint every N rounds (0: only after the last round)."})
+    client_ranks: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Heterogeneous ranks: one LoRA rank per client (<= lora_r), or a shorter pattern that "
+                          "repeats (e.g. 2 4 8). Empty: every client at lora_r."},
+    )
+    client_eval_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Hold out this seeded share of every client's data (never trained on) and evaluate the "
+                          "global model on each client's share every eval round: per-client metrics, mean, std, worst "
+                          "(0 = off)."},
+    )
+    prox_mu: float = field(
+        default=0.0,
+        metadata={"help": "FedProx: add prox_mu/2 * ||theta - theta_start||^2 over the trained parameters to every "
+                          "client's local loss (any strategy; 0 = off). The logged training loss includes it."},
+    )
+    server_optimizer: str = field(
+        default="none",
+        metadata={"help": "Server step on the round's pseudo-gradient (aggregate - current): none, avgm, adam, yogi, "
+                          "adagrad. Strategies that merge a low-rank product (all but fedit, ffa_lora) take avgm only."},
+    )
+    server_lr: float | None = field(
+        default=None, metadata={"help": "Server learning rate (default: 1.0 for avgm, 0.01 for adam/yogi/adagrad)."}
+    )
+    server_momentum: float = field(default=0.9, metadata={"help": "avgm: momentum of the server step."})
+    server_betas: list[float] = field(
+        default_factory=lambda: [0.9, 0.99], metadata={"help": "adam/yogi/adagrad: moment decay rates b1 b2."}
+    )
+    server_tau: float = field(default=1e-3, metadata={"help": "adam/yogi/adagrad: adaptivity floor of the step."})
+    save_rounds: int = field(
+        default=0, metadata={"help": "Checkpoint every N rounds (0: only after the last round; -1: never)."}
+    )
     eval_rounds: int = field(default=1, metadata={"help": "Evaluate the global model every N rounds (0: never)."})
     on_client_failure: str = field(
         default="raise",
@@ -160,8 +191,23 @@ class FederatedArguments:
             bad("partition_column", "partition='column' needs the name of the column to split by")
         if self.dirichlet_alpha <= 0:
             bad("dirichlet_alpha", "must be > 0")
-        if self.save_rounds < 0:
-            bad("save_rounds", "must be >= 0")
+        if self.client_ranks:
+            from .client_rank import resolve_client_ranks
+
+            try:
+                resolve_client_ranks(self.client_ranks, self.num_clients, self.lora_r)
+            except ValueError as error:
+                bad("client_ranks", str(error).removeprefix("client_ranks: "))
+        if not 0 <= self.client_eval_fraction < 1:
+            bad("client_eval_fraction", "must lie in [0, 1) (0 turns per-client evaluation off)")
+        if not self.prox_mu >= 0:
+            bad("prox_mu", "must be >= 0 (0 turns FedProx off)")
+        if len(self.server_betas) != 2:
+            bad("server_betas", "needs two values, b1 and b2")
+        server_optimizer = self.make_server_optimizer(rank=1)  # names the field of any bad setting
+        server_optimizer.check_strategy(strategy)
+        if self.save_rounds < -1:
+            bad("save_rounds", "must be >= 0, or -1 for no federated checkpoints")
         if self.eval_rounds < 0:
             bad("eval_rounds", "must be >= 0")
         if self.on_client_failure not in CLIENT_FAILURE_POLICIES:
@@ -187,6 +233,13 @@ class FederatedArguments:
             "ga_init": self.ga_init,
             "ga_estimator": self.ga_estimator,
         }
+
+    def make_server_optimizer(self, rank: int):
+        """The :class:`~fedsmooth_hf.server_optim.ServerOptimizer` these arguments describe (momentum at ``rank``)."""
+        from .server_optim import ServerOptimizer
+
+        return ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum,
+                               tuple(self.server_betas), self.server_tau, rank)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -25,13 +25,17 @@ round event ends the federation after the current round. The schedule of
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 __all__ = ["FederatedCallback", "FederatedFlowCallback", "FederatedProgressCallback", "RoundPrinterCallback",
-           "ROUND_EVENTS"]
+           "PartitionPlotCallback", "ROUND_EVENTS"]
+
+logger = logging.getLogger(__name__)
 
 ROUND_EVENTS = ("on_federation_begin", "on_round_begin", "on_client_begin", "on_client_end", "on_round_end")
 
@@ -59,14 +63,16 @@ class FederatedFlowCallback(FederatedCallback):
     """The evaluation and checkpoint schedule of a federation (the rounds' ``DefaultFlowCallback``).
 
     Evaluate before training and every ``eval_rounds`` rounds and after the last one (when
-    an eval dataset is given); checkpoint every ``save_rounds`` rounds and after the last one.
+    an eval dataset or per-client held-out splits exist); checkpoint every ``save_rounds``
+    rounds and after the last one (``save_rounds=-1``: never).
     """
 
     def __init__(self, fed_args):
         self.fed_args = fed_args
 
     def _evaluates(self, eval_dataset) -> bool:
-        return eval_dataset is not None and self.fed_args.eval_rounds > 0
+        has_data = eval_dataset is not None or self.fed_args.client_eval_fraction > 0
+        return has_data and self.fed_args.eval_rounds > 0
 
     def on_federation_begin(self, args, state, control, round, eval_dataset=None, **kwargs):
         control.should_evaluate = round == 0 and self._evaluates(eval_dataset)
@@ -76,7 +82,7 @@ class FederatedFlowCallback(FederatedCallback):
         fa = self.fed_args
         last = round == fa.num_rounds
         control.should_evaluate = self._evaluates(eval_dataset) and (round % fa.eval_rounds == 0 or last)
-        control.should_save = bool(fa.save_rounds and round % fa.save_rounds == 0) or last
+        control.should_save = fa.save_rounds >= 0 and (bool(fa.save_rounds and round % fa.save_rounds == 0) or last)
         return control
 
 
@@ -150,3 +156,29 @@ class RoundPrinterCallback(FederatedCallback):
         if "round_time_s" in metrics:
             parts.append(f"({metrics['round_time_s']:.1f} s)")
         tqdm.write(" ".join(parts))
+
+
+class PartitionPlotCallback(FederatedCallback):
+    """Saves ``output_dir/partition.png`` when a federation starts from round 0: the clients' split
+    at a glance (:func:`fedsmooth_hf.partition.plot_partition`). ``FederatedTrainer`` adds it when it
+    split ``train_dataset`` itself; without matplotlib it says so once and draws nothing."""
+
+    def __init__(self, client_datasets, column: str | None, method: str):
+        self.client_datasets, self.column, self.method = client_datasets, column, method
+
+    def on_federation_begin(self, args, state, control, round, **kwargs):
+        if round != 0 or not args.should_save:
+            return
+        from .partition import plot_partition
+
+        first = self.client_datasets[0]
+        names = getattr(first, "column_names", [])
+        column = self.column or next(  # a causal LM's "labels" are token lists, not classes
+            (c for c in ("label", "labels") if c in names and len(first) and isinstance(first[0][c], (int, str))), None)
+        path = Path(args.output_dir) / "partition.png"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            plot_partition(self.client_datasets, column, path,
+                           title=f"{self.method} partition over {len(self.client_datasets)} clients")
+        except ImportError:
+            logger.info("matplotlib is not installed: no partition.png")

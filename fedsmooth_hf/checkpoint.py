@@ -319,8 +319,8 @@ def check_model_tensors(
 def check_strategy_tensors(path, tensors: Mapping[str, torch.Tensor], strategy) -> None:
     """``strategy.safetensors`` holds complete ``<prefix>/<layer>/{B,A}`` pairs the strategy reads back.
 
-    Every pair must name an adapted layer, have rank-r shapes and float32 (or the
-    adapter's) dtype; every prefix must cover all layers; and loading the tensors
+    Every pair must name an adapted layer, have the layer's shapes at rank r (or a
+    smaller rank, for a client of ``client_ranks``) and float32 (or the adapter's) dtype; every prefix must cover all layers; and loading the tensors
     into a shallow copy of ``strategy`` and saving them again must give the same
     keys, so a key the strategy would silently ignore is reported too.
     """
@@ -335,8 +335,15 @@ def check_strategy_tensors(path, tensors: Mapping[str, torch.Tensor], strategy) 
         if partner not in tensors:
             raise CheckpointError(f"checkpoint {path}: {STRATEGY_FILE} has '{key}' but lacks '{partner}'")
         ref = init[layer][0 if factor == "B" else 1]
-        _check_tensor(path, STRATEGY_FILE, key, tensor, ref.shape, {torch.float32, ref.dtype})
+        shape = tuple(ref.shape)
+        inner = tensor.shape[1 if factor == "B" else 0] if tensor.dim() == 2 else -1
+        if 1 <= inner <= shape[1 if factor == "B" else 0]:  # a client of a smaller rank (client_ranks)
+            shape = (shape[0], inner) if factor == "B" else (inner, shape[1])
+        _check_tensor(path, STRATEGY_FILE, key, tensor, shape, {torch.float32, ref.dtype})
         prefixes.setdefault(prefix, set()).add(layer)
+    for key, tensor in tensors.items():  # the shapes are right one by one; now B and A of a pair must agree
+        if key.endswith("/B") and tensor.shape[1] != tensors[key[:-1] + "A"].shape[0]:
+            raise CheckpointError(f"checkpoint {path}: {STRATEGY_FILE} '{key}' and its '/A' have different ranks")
     for prefix, layers in prefixes.items():
         absent = sorted(set(init) - layers)
         if absent:

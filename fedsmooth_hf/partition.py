@@ -27,7 +27,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PARTITION_METHODS", "partition_indices", "partition_dataset", "partition_summary", "resolve_client_datasets"]
+__all__ = ["PARTITION_METHODS", "partition_indices", "partition_dataset", "partition_summary", "plot_partition",
+           "resolve_client_datasets"]
 
 PARTITION_METHODS: tuple[str, ...] = ("iid", "dirichlet", "column")
 
@@ -351,3 +352,68 @@ def resolve_client_datasets(train_dataset, client_datasets: Sequence | None, fed
         if len(ds) == 0:
             raise ValueError(f"client {i} has no data: every client dataset must hold at least one example")
     return clients
+
+
+# Beyond this many distinct values a stacked bar is unreadable: the rarest are drawn as one "other" segment.
+_MAX_PLOTTED_VALUES = 20
+
+
+def _client_counts(client_datasets: Sequence[Any], column: str | None) -> list[Counter]:
+    """Per client, how often each value of ``column`` occurs (the whole client as one value without a column)."""
+    counts = []
+    for client in client_datasets:
+        if column is not None and _is_hf_dataset(client) and column in client.column_names:
+            values = list(client.with_format(None)[column])
+            if values and not isinstance(values[0], Hashable):
+                raise ValueError(f"plot_partition: column {column!r} holds {type(values[0]).__name__} values, not "
+                                 "labels or categories")
+            counts.append(Counter(values))
+        else:
+            counts.append(Counter({"all": len(client)}))
+    return counts
+
+
+def plot_partition(client_datasets: Sequence[Any], column: str | None = "label", path: Any = None,
+                   title: str | None = None):
+    """A stacked bar per client: how many examples of each ``column`` value it holds.
+
+    The picture of a partition's skew that the printed table only hints at: Dirichlet
+    label skew shows as bars of one or two colours, a column split as clients of very
+    different heights. Values beyond the 20 most frequent are stacked as ``"other"``.
+    Returns the matplotlib ``Figure``; with ``path`` it is also saved there (PNG).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("plot_partition needs matplotlib: pip install matplotlib") from error
+    counts = _client_counts(client_datasets, column)
+    overall: Counter = Counter()
+    for c in counts:
+        overall.update(c)
+    values = [value for value, _ in overall.most_common(_MAX_PLOTTED_VALUES)]
+    rest = set(overall) - set(values)
+    segments = [(str(value), [c.get(value, 0) for c in counts]) for value in values]
+    if rest:
+        segments.append((f"other ({len(rest)} values)", [sum(c[v] for v in rest if v in c) for c in counts]))
+
+    clients = np.arange(len(counts))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(counts) + 3), 4.5))
+    colours = plt.get_cmap("tab20" if len(segments) > 10 else "tab10")
+    bottom = np.zeros(len(counts))
+    for i, (label, heights) in enumerate(segments):
+        ax.bar(clients, heights, bottom=bottom, label=label, color=colours(i % colours.N), width=0.8)
+        bottom += np.asarray(heights, dtype=float)
+    ax.set_xticks(clients)
+    ax.set_xlabel("client")
+    ax.set_ylabel("examples")
+    ax.set_title(title or f"examples per client by {column or 'client'}")
+    if column is not None and len(segments) > 1:
+        ax.legend(title=column, fontsize=7, ncol=1 + len(segments) // 12, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig

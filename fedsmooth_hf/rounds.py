@@ -216,7 +216,9 @@ class RoundEngine:
         uploads = {c: ok[c]["upload"] for c in clients if c in ok}
         weights = {c: float(ok[c]["num_examples"]) for c in uploads}
         total = sum(weights.values())
+        previous = t.strategy.global_lora()
         update = t.strategy.aggregate(uploads, weights)
+        update = t.server_optimizer.step(update, previous, t.strategy.server_space)  # "none": the update as is
         extras = self._mean_extras(ok, weights, total)
         t.apply_server_update(update, extras)
         self.executor.server_update(round_idx, update, extras)

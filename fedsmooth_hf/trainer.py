@@ -40,7 +40,7 @@ from .adapter import (
     set_parameters,
 )
 from .arguments import FederatedArguments, resolve_federated_arguments
-from .callbacks import FederatedFlowCallback, RoundPrinterCallback
+from .callbacks import FederatedFlowCallback, PartitionPlotCallback, RoundPrinterCallback
 from .checkpoint import (
     check_model_checkpoint,
     check_resumable,
@@ -53,6 +53,8 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from .client_eval import evaluate_clients, held_out_splits
+from .client_rank import RankMask, pad_factors, resolve_client_ranks, truncate_factors
 from .distributed import gathered, is_zero3, world
 from .gradients import estimate_gradient_subspaces, warn_small_calibration
 from .local_round import (
@@ -64,6 +66,7 @@ from .local_round import (
 )
 from .merge import first_non_finite, keep_quantized_layers_differentiable, merge_into_base
 from .partition import resolve_client_datasets
+from .proximal import ProximalTerm, proximal_loss, proximal_term_factory, with_proximal_term
 from .rounds import (
     ClientExecutor,
     ClientParallelExecutor,
@@ -108,6 +111,8 @@ class FederatedTrainer(Trainer):
         if args is None:
             args = TrainingArguments(output_dir="fedsmooth_output", report_to="none")
         self.client_datasets = resolve_client_datasets(train_dataset, client_datasets, fa, args.seed)
+        self._partitioned = client_datasets is None  # we split train_dataset: partition.png shows how
+        self.client_datasets, self.client_eval_datasets = held_out_splits(self.client_datasets, fa, args.seed)
         # an IID split is known only when we made it; user-given clients may be anything
         iid_data = None if client_datasets is not None else fa.partition == "iid"
         model = add_lora(model, fa)
@@ -116,6 +121,8 @@ class FederatedTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=self.client_datasets[0], eval_dataset=eval_dataset,
                          callbacks=callbacks, **kwargs)
         self._zero3 = is_zero3(self.accelerator)
+        self._proximal = proximal_term_factory(fa.prox_mu, self._zero3)  # FedProx; None when prox_mu == 0
+        self.proximal_term: ProximalTerm | None = None  # live during a local round
         if fa.client_parallel:
             ClientParallelExecutor.check(self)
         self.layers = lora_layers(self.model, ADAPTER)
@@ -126,6 +133,10 @@ class FederatedTrainer(Trainer):
         self.strategy.check_layer_shapes({n: (m.out_features, m.in_features) for n, m in self.layers.items()})
         self._extra_names = [n for n, p in self.model.named_parameters() if p.requires_grad and ".lora_" not in n]
         self.strategy.setup(get_lora_factors(self.layers, ADAPTER))
+        self.strategy.set_client_ranks(dict(enumerate(resolve_client_ranks(fa.client_ranks, fa.num_clients,
+                                                                           self.lora_rank))))
+        self.server_optimizer = fa.make_server_optimizer(rank=self.lora_rank)
+        self.server_optimizer.check_strategy(self.strategy)
         if self.strategy.needs_gradient:
             warn_small_calibration([len(ds) for ds in self.client_datasets], fa.ga_samples)
         self.round_history: list[dict] = []
@@ -137,6 +148,8 @@ class FederatedTrainer(Trainer):
         self.callback_handler.remove_callback(ProgressCallback)
         self.callback_handler.callbacks.insert(0, FederatedFlowCallback(self.fed_args))
         announce_overrides(self.args, fa)
+        if self._partitioned:
+            self.add_callback(PartitionPlotCallback(self.client_datasets, fa.partition_column, fa.partition))
         if not any(isinstance(cb, RoundPrinterCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(RoundPrinterCallback())  # one line per round unless the user brought their own
 
@@ -258,6 +271,15 @@ class FederatedTrainer(Trainer):
                     raise ClientTrainingError(round_number, client, f"non-finite gradient of '{bad}' at local step {step}")
         return loss
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss, plus FedProx's proximal term while a local round trains (``proximal.py``)."""
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.proximal_term is None or not model.training:
+            return out
+        if return_outputs:
+            return with_proximal_term(self, out[0], num_items_in_batch), out[1]
+        return with_proximal_term(self, out, num_items_in_batch)
+
     def evaluate(self, *args, **kwargs):
         """Evaluate the current model, also under DeepSpeed between local rounds (no live engine then):
         on the plain model, whole on every rank (ZeRO-1/2: Trainer would refuse "ZeRO inference"; ZeRO-3: gathered)."""
@@ -275,8 +297,13 @@ class FederatedTrainer(Trainer):
         """:meth:`evaluate` the global model (no client's offsets or adapter); numeric metrics only."""
         with self._gathered(modify=True):
             self.load_global_adapter()
-        metrics = self.evaluate(ignore_keys=ignore_keys)
-        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        out = {}
+        if self.eval_dataset is not None:
+            metrics = self.evaluate(ignore_keys=ignore_keys)
+            out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.client_eval_datasets is not None:
+            out.update(evaluate_clients(self, self.client_eval_datasets, ignore_keys))
+        return out
 
     # ------------------------------------------------------------------ the round loop
     def _train_client(self, round_idx: int, client: int, lr: float, ignore_keys_for_eval=None) -> dict:
@@ -291,20 +318,26 @@ class FederatedTrainer(Trainer):
                 grads = self._estimate_gradients(client, seed, self.strategy.gradient_point(client))
             start = self.strategy.client_start(client, grads)
             del grads
-            apply_client_start(self.layers, start.lora, start.offsets, start.train_A, start.train_B, ADAPTER)
+            rank = self.strategy.client_rank(client)  # below lora_r: zero-padded, the rest masked (client_rank.py)
+            apply_client_start(self.layers, pad_factors(start.lora, self.lora_rank), start.offsets,
+                               start.train_A, start.train_B, ADAPTER)
         overhead = time.perf_counter() - t_start
+        mask = RankMask(self.layers, rank, ADAPTER) if rank < self.lora_rank else None
+        proximal = self._proximal and self._proximal(self.model)
         self.train_dataset = self.client_dataset(client)
         set_seed(seed)  # data order and dropout of this local round
         t0 = time.perf_counter()
         try:
-            with local_round_args(self.args, self.fed_args.local_steps, lr):
+            with local_round_args(self.args, self.fed_args.local_steps, lr), proximal_loss(self, proximal):
                 out = super().train(ignore_keys_for_eval=ignore_keys_for_eval)
         finally:
             self._step_offset += self.state.global_step
+            if mask is not None:
+                mask.remove()
             release_engine(self)
             clear_offsets(self.layers)
         with self._gathered():
-            trained = get_lora_factors(self.layers, ADAPTER)
+            trained = truncate_factors(get_lora_factors(self.layers, ADAPTER), rank)
             extras = self.extra_parameters()
         if not math.isfinite(out.training_loss):
             raise ClientTrainingError(round_idx + 1, client, f"non-finite training loss {out.training_loss}")
@@ -396,7 +429,8 @@ class FederatedTrainer(Trainer):
             return None
         state = {"fed_args": self.fed_args.to_dict(), "seed": self.args.seed, "strategy": self.strategy.describe(),
                  "round_history": self.round_history, "step_offset": self._step_offset, "rng": rng_state()}
-        return save_checkpoint(self.args.output_dir, round_number, tensors, self.strategy.state_dict(), state)
+        return save_checkpoint(self.args.output_dir, round_number, tensors,
+                               {**self.strategy.state_dict(), **self.server_optimizer.state_dict()}, state)
 
     @torch.no_grad()
     def load_federated_checkpoint(self, path) -> int:
@@ -405,10 +439,12 @@ class FederatedTrainer(Trainer):
             tensors, strategy_tensors, state = load_checkpoint(path)
             check_resumable(path, state, self.fed_args.to_dict(), self.args.seed, _RESUMABLE_CHANGES)
             check_model_checkpoint(path, tensors, self.layers, self.extra_parameters())
+            optimizer_tensors = {k: strategy_tensors.pop(k) for k in list(strategy_tensors) if k.startswith("opt_")}
             check_strategy_tensors(path, strategy_tensors, self.strategy)
             restore_rng_state(path, state)
             set_parameters(self.model, restore_model_tensors(self.layers, tensors))
             self.strategy.load_state_dict(strategy_tensors)
+            self.server_optimizer.load_state_dict(optimizer_tensors)
             self.round_history = list(state.get("round_history", []))
             self._step_offset = int(state.get("step_offset", 0))
             self.load_global_adapter()

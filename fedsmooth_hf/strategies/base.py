@@ -103,10 +103,12 @@ def check_upload(client: int, upload: Mapping[str, Factors], expected: Mapping[s
         if name not in expected:
             raise ValueError(f"upload of client {client} has an unknown module '{name}'")
         eB, eA = expected[name]
-        if tuple(B.shape) != tuple(eB.shape) or tuple(A.shape) != tuple(eA.shape):
+        k = B.shape[1] if B.dim() == 2 else -1  # a client of a smaller rank uploads k <= r components
+        if (B.dim() != 2 or A.dim() != 2 or B.shape[0] != eB.shape[0] or tuple(A.shape) != (k, eA.shape[1])
+                or not 1 <= k <= eB.shape[1]):
             raise ValueError(
                 f"upload of client {client}, module '{name}': shapes B{tuple(B.shape)} A{tuple(A.shape)}, "
-                f"expected B{tuple(eB.shape)} A{tuple(eA.shape)}"
+                f"expected B{tuple(eB.shape)} A{tuple(eA.shape)} (or a smaller inner rank)"
             )
         if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
             raise ValueError(f"upload of client {client}, module '{name}' contains NaN or Inf")
@@ -175,6 +177,9 @@ class FederatedStrategy:
     name: str = ""
     #: whether :meth:`client_start` needs the full-weight gradient of each target layer
     needs_gradient: bool = False
+    #: what a server optimizer steps (``server_optim``): ``"factors"`` when the global model is an
+    #: adapter whose factors are averaged, ``"product"`` when a round moves it by a low-rank product
+    server_space: str = "product"
 
     def __init__(self, rank: int, num_rounds: int = 1):
         if rank < 1:
@@ -185,6 +190,7 @@ class FederatedStrategy:
         self.num_rounds = num_rounds
         self.round = 0
         self.init_lora: ModuleFactors = {}
+        self._client_ranks: dict[int, int] = {}  # heterogeneous ranks; absent = self.rank
 
     # -- lifecycle -------------------------------------------------------------------
     def setup(self, init_lora: Mapping[str, Factors]) -> None:
@@ -192,6 +198,22 @@ class FederatedStrategy:
         if not init_lora:
             raise ValueError("setup: no LoRA modules were given (do the target modules match anything?)")
         self.init_lora = {n: (B.detach().cpu().clone(), A.detach().cpu().clone()) for n, (B, A) in init_lora.items()}
+
+    def set_client_ranks(self, ranks: Mapping[int, int]) -> None:
+        """Heterogeneous ranks (``client_rank.py``): client ``c`` starts, trains and uploads rank ``ranks[c]``."""
+        bad = {c: r for c, r in ranks.items() if not 1 <= r <= self.rank}
+        if bad:
+            raise ValueError(f"client ranks must lie in [1, {self.rank}], got {bad}")
+        self._client_ranks = {c: int(r) for c, r in ranks.items() if r != self.rank}
+
+    def client_rank(self, client: int) -> int:
+        """The adapter rank client ``client`` trains (``rank`` unless set otherwise)."""
+        return self._client_ranks.get(client, self.rank)
+
+    def _at_client_rank(self, client: int, factors: ModuleFactors) -> ModuleFactors:
+        """HetLoRA's truncation: the leading ``client_rank`` components of ``factors``."""
+        k = self.client_rank(client)
+        return factors if k == self.rank else {n: (B[:, :k].clone(), A[:k].clone()) for n, (B, A) in factors.items()}
 
     def begin_round(self, round_idx: int) -> None:
         """Called once before the clients of round ``round_idx`` (0-based) start."""
@@ -305,7 +327,15 @@ class GlobalAdapterStrategy(FederatedStrategy):
         self._global: ModuleFactors = {n: (B.clone(), A.clone()) for n, (B, A) in self.init_lora.items()}
 
     def client_start(self, client: int, grads: Mapping[str, object] | None = None) -> ClientStart:
-        return ClientStart(lora=self._global)
+        return ClientStart(lora=self._at_client_rank(client, self._global))
+
+    def _padded(self, uploads: Mapping[int, ModuleFactors]) -> Mapping[int, ModuleFactors]:
+        """Uploads of smaller rank zero-padded to ``rank`` (HetLoRA), so factors can be averaged."""
+        from ..client_rank import pad_factors
+
+        if all(B.shape[1] == self.rank for up in uploads.values() for B, _ in up.values()):
+            return uploads
+        return {c: pad_factors(up, self.rank) for c, up in uploads.items()}
 
     def global_lora(self) -> ModuleFactors:
         return self._global

@@ -18,7 +18,7 @@ class FedExLoRA(GlobalAdapterStrategy):
 
     def aggregate(self, uploads, weights):
         w = self._validated(uploads, weights)
-        mean = weighted_factor_mean(uploads, w)
+        mean = weighted_factor_mean(self._padded(uploads), w)
         residual = product_sum(uploads, w, extra=mean, extra_weight=-1.0)
         self._global = mean
         return ServerUpdate(merge=residual, global_lora=self._global)

@@ -14,8 +14,9 @@ from .registry import register_strategy
 @register_strategy
 class FedIT(GlobalAdapterStrategy):
     name = "fedit"
+    server_space = "factors"
 
     def aggregate(self, uploads, weights):
         w = self._validated(uploads, weights)
-        self._global = weighted_factor_mean(uploads, w)
+        self._global = weighted_factor_mean(self._padded(uploads), w)
         return ServerUpdate(merge={}, global_lora=self._global)

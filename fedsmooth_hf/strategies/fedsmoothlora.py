@@ -231,19 +231,20 @@ class FedSmoothLoRA(FederatedStrategy):
         if missing:
             raise ValueError(f"no gradient was estimated for modules {missing[:5]}")
         rm = self.round_matching(client)
+        rank = self.client_rank(client)
         lora, offsets = {}, {}
         kept = self._rm_kept[client] = []
         for name in self.init_lora:
             if rm is not None and self.exact_round_matching:
                 # LoRA at the GA factors; the whole W_rm in the frozen offset, nothing truncated
-                _, (B_ga, A_ga) = client_init_factors(grads[name], self.rank, self.gamma, None)
+                _, (B_ga, A_ga) = client_init_factors(grads[name], rank, self.gamma, None)
                 B_rm, A_rm = (t.to(device=B_ga.device, dtype=B_ga.dtype) for t in rm[name])
                 lora[name] = (B_ga.clone(), A_ga.clone())
                 offsets[name] = (torch.cat([-B_ga, B_rm], dim=1), torch.cat([A_ga, A_rm], dim=0))
                 kept.append(1.0)
                 continue
             (B, A), (B_ga, A_ga) = client_init_factors(
-                grads[name], self.rank, self.gamma, None if rm is None else rm[name]
+                grads[name], rank, self.gamma, None if rm is None else rm[name]
             )
             if rm is not None:
                 kept.append(_share_kept(B, A, B_ga, A_ga, rm[name]))
@@ -257,9 +258,9 @@ class FedSmoothLoRA(FederatedStrategy):
         """The ``ga_init=False`` ablation: LoRA = ``SVD_r(W_rm)``, or PEFT's init when there is no ``W_rm``."""
         rm = self.round_matching(client)
         if rm is None:
-            lora = {n: (B.clone(), A.clone()) for n, (B, A) in self.init_lora.items()}
+            lora = self._at_client_rank(client, {n: (B.clone(), A.clone()) for n, (B, A) in self.init_lora.items()})
         else:
-            lora = {n: truncated_svd([B], [A], self.rank) for n, (B, A) in rm.items()}
+            lora = {n: truncated_svd([B], [A], self.client_rank(client)) for n, (B, A) in rm.items()}
         self._offsets[client] = None
         return ClientStart(lora=lora)
 
@@ -267,14 +268,15 @@ class FedSmoothLoRA(FederatedStrategy):
         if client not in self._offsets:
             raise RuntimeError(f"client_upload for client {client} without a matching client_start")
         offsets = self._offsets.pop(client)
+        rank = self.client_rank(client)
         if offsets is None:  # ga_init=False: no offset, the adapter is the change relative to W
-            upload = {n: truncated_svd([B.float().cpu()], [A.float().cpu()], self.rank) for n, (B, A) in trained.items()}
+            upload = {n: truncated_svd([B.float().cpu()], [A.float().cpu()], rank) for n, (B, A) in trained.items()}
             self.remember_upload(client, upload)
             return upload
         upload = {}
         for name, (B, A) in trained.items():
             B_off, A_off = offsets[name]
-            upload[name] = truncated_svd([B.float().cpu(), B_off], [A.float().cpu(), A_off], self.rank)
+            upload[name] = truncated_svd([B.float().cpu(), B_off], [A.float().cpu(), A_off], rank)
             if not (torch.isfinite(upload[name][0]).all() and torch.isfinite(upload[name][1]).all()):
                 # not recorded: a non-finite upload would poison this client's next Round-Matching start
                 raise ValueError(f"client {client}: the upload of module '{name}' is non-finite")

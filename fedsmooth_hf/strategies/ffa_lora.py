@@ -13,12 +13,13 @@ from .registry import register_strategy
 @register_strategy
 class FFALoRA(GlobalAdapterStrategy):
     name = "ffa_lora"
+    server_space = "factors"
 
     def client_start(self, client, grads=None):
-        return ClientStart(lora=self._global, train_A=False)
+        return ClientStart(lora=self._at_client_rank(client, self._global), train_A=False)
 
     def aggregate(self, uploads, weights):
         w = self._validated(uploads, weights)
-        mean = weighted_factor_mean(uploads, w)
+        mean = weighted_factor_mean(self._padded(uploads), w)
         self._global = {n: (mean[n][0], self.init_lora[n][1].clone()) for n in mean}
         return ServerUpdate(merge={}, global_lora=self._global)

@@ -1,0 +1,89 @@
+"""Heterogeneous client ranks: a client with less memory or bandwidth trains a smaller adapter.
+
+Client ``c`` trains rank ``r_c <= r``: the adapter keeps its rank-r shape (PEFT's layers,
+optimizer and checkpoints stay as they are), but the factors beyond ``r_c`` start at
+zero and their gradients are masked, so they stay zero. Its start is the strategy's
+start cut to the leading ``r_c`` components (for the SVD-based starts of FlexLoRA and
+FedSmoothLoRA those are the top singular directions; for FedIT and FFA-LoRA this is
+HetLoRA's truncation), and it uploads only its ``r_c`` columns of ``B`` and rows of ``A``:
+``r_c / r`` of the bytes. Strategies that aggregate products stack the factors, which
+allows any inner rank, so their aggregate stays exact; the factor-averaging ones
+(FedIT, FFA-LoRA) zero-pad to r before averaging, as HetLoRA does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .strategies.base import ModuleFactors
+
+
+def resolve_client_ranks(pattern: Sequence[int], num_clients: int, max_rank: int) -> list[int]:
+    """One rank per client from ``pattern`` (repeated when shorter); empty = every client at ``max_rank``."""
+    if not pattern:
+        return [max_rank] * num_clients
+    if len(pattern) > num_clients:
+        raise ValueError(f"client_ranks has {len(pattern)} values for {num_clients} clients: give one per client "
+                         "or a shorter pattern that repeats")
+    bad = [r for r in pattern if not 1 <= int(r) <= max_rank]
+    if bad:
+        raise ValueError(f"client_ranks: every rank must lie in [1, lora_r={max_rank}], got {bad}")
+    return [int(pattern[c % len(pattern)]) for c in range(num_clients)]
+
+
+def truncate_factors(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> ModuleFactors:
+    """The leading ``rank`` components: ``B[:, :rank]``, ``A[:rank]``."""
+    return {n: (B[:, :rank].clone(), A[:rank].clone()) for n, (B, A) in factors.items()}
+
+
+def pad_factors(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> ModuleFactors:
+    """Zero-pad factors of a smaller inner rank to ``rank`` (``B A`` is unchanged)."""
+    out = {}
+    for n, (B, A) in factors.items():
+        k = B.shape[1]
+        if k == rank:
+            out[n] = (B, A)
+            continue
+        out[n] = (torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1),
+                  torch.cat([A, A.new_zeros(rank - k, A.shape[1])], dim=0))
+    return out
+
+
+class RankMask:
+    """Gradient hooks that keep the adapter's components beyond ``rank`` at zero during a local round."""
+
+    def __init__(self, layers: Mapping[str, nn.Module], rank: int, adapter_name: str = "default"):
+        self._handles = []
+        for layer in layers.values():
+            A = layer.lora_A[adapter_name].weight
+            B = layer.lora_B[adapter_name].weight
+            if A.requires_grad:
+                self._handles.append(A.register_hook(_keep_rows(rank)))
+            if B.requires_grad:
+                self._handles.append(B.register_hook(_keep_columns(rank)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _keep_rows(rank: int):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[rank:] = 0
+        return grad
+
+    return hook
+
+
+def _keep_columns(rank: int):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:, rank:] = 0
+        return grad
+
+    return hook
