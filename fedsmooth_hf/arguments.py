@@ -204,8 +204,7 @@ class FederatedArguments:
             bad("prox_mu", "must be >= 0 (0 turns FedProx off)")
         if len(self.server_betas) != 2:
             bad("server_betas", "needs two values, b1 and b2")
-        server_optimizer = self.make_server_optimizer(rank=1)  # names the field of any bad setting
-        server_optimizer.check_strategy(strategy)
+        self.make_server_optimizer(strategy)  # names the field of any bad setting
         if self.save_rounds < -1:
             bad("save_rounds", "must be >= 0, or -1 for no federated checkpoints")
         if self.eval_rounds < 0:
@@ -234,12 +233,15 @@ class FederatedArguments:
             "ga_estimator": self.ga_estimator,
         }
 
-    def make_server_optimizer(self, rank: int):
-        """The :class:`~fedsmooth_hf.server_optim.ServerOptimizer` these arguments describe (momentum at ``rank``)."""
+    def make_server_optimizer(self, strategy):
+        """The :class:`~fedsmooth_hf.server_optim.ServerOptimizer` these arguments describe, for ``strategy``
+        (momentum at its rank; a combination without a factored form is refused)."""
         from .server_optim import ServerOptimizer
 
-        return ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum,
-                               tuple(self.server_betas), self.server_tau, rank)
+        optimizer = ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum,
+                                    tuple(self.server_betas), self.server_tau, strategy.rank)
+        optimizer.check_strategy(strategy)
+        return optimizer
 
     def to_dict(self) -> dict:
         return asdict(self)

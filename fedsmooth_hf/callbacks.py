@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 __all__ = ["FederatedCallback", "FederatedFlowCallback", "FederatedProgressCallback", "RoundPrinterCallback",
-           "PartitionPlotCallback", "ROUND_EVENTS"]
+           "PartitionPlotCallback", "ROUND_EVENTS", "install_round_callbacks"]
 
 logger = logging.getLogger(__name__)
 
@@ -182,3 +182,17 @@ class PartitionPlotCallback(FederatedCallback):
                            title=f"{self.method} partition over {len(self.client_datasets)} clients")
         except ImportError:
             logger.info("matplotlib is not installed: no partition.png")
+
+
+def install_round_callbacks(handler, fed_args, partitioned_clients=None) -> None:
+    """A ``FederatedTrainer``'s default callbacks: the round schedule first, one progress bar (ours runs
+    over the whole federation; Trainer's own would restart every local round), a line per round unless
+    the user brought a :class:`RoundPrinterCallback`, and ``partition.png`` when the trainer split the data."""
+    from transformers.trainer_callback import ProgressCallback
+
+    handler.remove_callback(ProgressCallback)
+    handler.callbacks.insert(0, FederatedFlowCallback(fed_args))
+    if not any(isinstance(cb, RoundPrinterCallback) for cb in handler.callbacks):
+        handler.add_callback(RoundPrinterCallback())
+    if partitioned_clients is not None:
+        handler.add_callback(PartitionPlotCallback(partitioned_clients, fed_args.partition_column, fed_args.partition))

@@ -53,19 +53,28 @@ def pad_factors(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: 
 
 
 class RankMask:
-    """Gradient hooks that keep the adapter's components beyond ``rank`` at zero during a local round."""
+    """Gradient hooks that keep the adapter's components beyond ``rank`` at zero, for the ``with`` block.
+
+    A no-op for layers whose adapter has no more than ``rank`` components (a client at ``lora_r``).
+    """
 
     def __init__(self, layers: Mapping[str, nn.Module], rank: int, adapter_name: str = "default"):
+        self.layers, self.rank, self.adapter_name = layers, rank, adapter_name
         self._handles = []
-        for layer in layers.values():
-            A = layer.lora_A[adapter_name].weight
-            B = layer.lora_B[adapter_name].weight
-            if A.requires_grad:
-                self._handles.append(A.register_hook(_keep_rows(rank)))
-            if B.requires_grad:
-                self._handles.append(B.register_hook(_keep_columns(rank)))
 
-    def remove(self) -> None:
+    def __enter__(self) -> RankMask:
+        for layer in self.layers.values():
+            A = layer.lora_A[self.adapter_name].weight
+            B = layer.lora_B[self.adapter_name].weight
+            if A.shape[0] <= self.rank:
+                continue
+            if A.requires_grad:
+                self._handles.append(A.register_hook(_keep_rows(self.rank)))
+            if B.requires_grad:
+                self._handles.append(B.register_hook(_keep_columns(self.rank)))
+        return self
+
+    def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -292,3 +292,12 @@ def is_hub_repo_id(name: str) -> bool:
     """True for ``org/name``-style Hub ids; False for local paths (the Hub rejects those as base_model)."""
     return bool(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not os.path.isdir(name) \
         and "--" not in name and ".." not in name
+
+
+def push_output_dir(args, token: str | None = None, commit_message: str | None = None) -> str:
+    """Upload ``args.output_dir`` to ``args.hub_model_id`` (default: the folder's name): the model and its
+    card only, federated checkpoints stay local."""
+    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    return push_folder_to_hub(args.output_dir, repo_id, token=token or args.hub_token, private=args.hub_private_repo,
+                              commit_message=commit_message or "Upload federated fine-tuned model",
+                              ignore_patterns=["round-*", ".round-*", "checkpoint-*", "_*"])

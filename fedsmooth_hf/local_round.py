@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 
 import numpy as np
 from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 __all__ = ["client_round_seed", "local_round_args", "announce_overrides", "conflicting_arguments",
-           "release_engine", "first_logged_loss"]
+           "release_engine", "check_local_result", "first_logged_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,21 @@ def release_engine(trainer) -> None:
     if trainer.is_deepspeed_enabled:
         # drop the engine now; otherwise the next local round's own free_memory() does it
         trainer.accelerator.free_memory()
+
+
+def check_local_result(number: int, client: int, training_loss: float, trained, extras) -> None:
+    """A :class:`ClientTrainingError` for a non-finite loss, LoRA factor or ``modules_to_save`` value."""
+    from .executor import ClientTrainingError
+    from .merge import first_non_finite
+
+    if not math.isfinite(training_loss):
+        raise ClientTrainingError(number, client, f"non-finite training loss {training_loss}")
+    bad = first_non_finite({f"{n}/{w}": t for n, pair in trained.items() for w, t in zip("BA", pair)})
+    if bad is not None:
+        raise ClientTrainingError(number, client, f"non-finite LoRA factors in '{bad.rsplit('/', 1)[0]}'")
+    bad = first_non_finite(extras)
+    if bad is not None:
+        raise ClientTrainingError(number, client, f"non-finite values in '{bad}'")
 
 
 def first_logged_loss(log_history: list[dict]) -> float | None:

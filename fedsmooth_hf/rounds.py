@@ -28,6 +28,7 @@ import torch
 from transformers import TrainerControl
 
 from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback
+from .client_eval import evaluate_clients
 from .distributed import all_gather_objects, single_process_view, world
 from .executor import CLIENT_FIGURES, ClientExecutor, ClientTrainingError
 from .lowrank import factored_norm
@@ -257,6 +258,11 @@ class RoundEngine:
                 sums[k] = sums.get(k, 0) + w * v
         return {k: v / total for k, v in sums.items()} if sums else None
 
-    def _evaluate(self, number: int) -> dict[str, float]:
-        self.trainer.round_context = (number, None)
-        return self.trainer.evaluate_global(ignore_keys=self.ignore_keys)
+    def _evaluate(self, number: int) -> dict:
+        """The global eval set and, with ``client_eval_fraction``, every client's held-out split."""
+        t = self.trainer
+        t.round_context = (number, None)
+        metrics = t.evaluate_global(ignore_keys=self.ignore_keys)
+        if t.client_eval_datasets is not None:
+            metrics.update(evaluate_clients(t, t.client_eval_datasets, self.ignore_keys))
+        return metrics

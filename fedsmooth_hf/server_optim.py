@@ -38,6 +38,8 @@ import torch
 from .lowrank import stack_factors, truncated_svd
 from .strategies.base import ModuleFactors, ServerUpdate, flatten_factors, unflatten_factors
 
+__all__ = ["SERVER_OPTIMIZERS", "ServerOptimizer", "split_optimizer_tensors"]
+
 SERVER_OPTIMIZERS: tuple[str, ...] = ("none", "avgm", "adam", "yogi", "adagrad")
 ADAPTIVE = ("adam", "yogi", "adagrad")
 #: server_lr when none is given: a momentum step of 1 is plain aggregation; adaptive steps are ~lr per element
@@ -171,3 +173,8 @@ class ServerOptimizer:
         else:
             out.update(server_betas=list(self.betas), server_tau=self.tau)
         return out
+
+
+def split_optimizer_tensors(strategy_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove and return the server optimizer's ``opt_*`` tensors, which checkpoints keep beside the strategy's."""
+    return {k: strategy_tensors.pop(k) for k in list(strategy_tensors) if k.startswith("opt_")}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
-from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import TrainOutput
 
 from .adapter import (
@@ -40,7 +38,7 @@ from .adapter import (
     set_parameters,
 )
 from .arguments import FederatedArguments, resolve_federated_arguments
-from .callbacks import FederatedFlowCallback, PartitionPlotCallback, RoundPrinterCallback
+from .callbacks import install_round_callbacks
 from .checkpoint import (
     check_model_checkpoint,
     check_resumable,
@@ -53,12 +51,13 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from .client_eval import evaluate_clients, held_out_splits
+from .client_eval import held_out_splits
 from .client_rank import RankMask, pad_factors, resolve_client_ranks, truncate_factors
 from .distributed import gathered, is_zero3, world
 from .gradients import estimate_gradient_subspaces, warn_small_calibration
 from .local_round import (
     announce_overrides,
+    check_local_result,
     client_round_seed,
     first_logged_loss,
     local_round_args,
@@ -76,6 +75,7 @@ from .rounds import (
     round_learning_rate,
     sample_clients,
 )
+from .server_optim import split_optimizer_tensors
 from .strategies import FederatedStrategy, ServerUpdate, strategy_from_options
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,6 @@ class FederatedTrainer(Trainer):
         if args is None:
             args = TrainingArguments(output_dir="fedsmooth_output", report_to="none")
         self.client_datasets = resolve_client_datasets(train_dataset, client_datasets, fa, args.seed)
-        self._partitioned = client_datasets is None  # we split train_dataset: partition.png shows how
         self.client_datasets, self.client_eval_datasets = held_out_splits(self.client_datasets, fa, args.seed)
         # an IID split is known only when we made it; user-given clients may be anything
         iid_data = None if client_datasets is not None else fa.partition == "iid"
@@ -133,10 +132,8 @@ class FederatedTrainer(Trainer):
         self.strategy.check_layer_shapes({n: (m.out_features, m.in_features) for n, m in self.layers.items()})
         self._extra_names = [n for n, p in self.model.named_parameters() if p.requires_grad and ".lora_" not in n]
         self.strategy.setup(get_lora_factors(self.layers, ADAPTER))
-        self.strategy.set_client_ranks(dict(enumerate(resolve_client_ranks(fa.client_ranks, fa.num_clients,
-                                                                           self.lora_rank))))
-        self.server_optimizer = fa.make_server_optimizer(rank=self.lora_rank)
-        self.server_optimizer.check_strategy(self.strategy)
+        self.strategy.set_client_ranks(resolve_client_ranks(fa.client_ranks, fa.num_clients, self.lora_rank))
+        self.server_optimizer = fa.make_server_optimizer(self.strategy)
         if self.strategy.needs_gradient:
             warn_small_calibration([len(ds) for ds in self.client_datasets], fa.ga_samples)
         self.round_history: list[dict] = []
@@ -144,14 +141,8 @@ class FederatedTrainer(Trainer):
         self.round_context: tuple[int, int | None] | None = None
         self._step_offset = 0
         self._log_history: list[dict] = []
-        # our bar runs over rounds x clients; Trainer's own would restart every local round
-        self.callback_handler.remove_callback(ProgressCallback)
-        self.callback_handler.callbacks.insert(0, FederatedFlowCallback(self.fed_args))
+        install_round_callbacks(self.callback_handler, fa, self.client_datasets if client_datasets is None else None)
         announce_overrides(self.args, fa)
-        if self._partitioned:
-            self.add_callback(PartitionPlotCallback(self.client_datasets, fa.partition_column, fa.partition))
-        if not any(isinstance(cb, RoundPrinterCallback) for cb in self.callback_handler.callbacks):
-            self.add_callback(RoundPrinterCallback())  # one line per round unless the user brought their own
 
     # ------------------------------------------------------------------ construction
     @property
@@ -208,14 +199,9 @@ class FederatedTrainer(Trainer):
             set_offsets(self.layers, point, ADAPTER)
         reduce_fn = (lambda g: self.accelerator.reduce(g, "mean")) if self.args.world_size > 1 else None
         try:
-            return estimate_gradient_subspaces(
-                self.model,
-                self.layers,
-                self._calibration_batches(client, seed),
-                loss_fn=lambda m, b: self.compute_loss(m, b),
-                reduce_fn=reduce_fn,
-                **self.strategy.gradient_request(),
-            )
+            return estimate_gradient_subspaces(self.model, self.layers, self._calibration_batches(client, seed),
+                                               loss_fn=lambda m, b: self.compute_loss(m, b), reduce_fn=reduce_fn,
+                                               **self.strategy.gradient_request())
         finally:
             clear_offsets(self.layers)
 
@@ -276,9 +262,8 @@ class FederatedTrainer(Trainer):
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.proximal_term is None or not model.training:
             return out
-        if return_outputs:
-            return with_proximal_term(self, out[0], num_items_in_batch), out[1]
-        return with_proximal_term(self, out, num_items_in_batch)
+        loss = with_proximal_term(self, out[0] if return_outputs else out, num_items_in_batch)
+        return (loss, out[1]) if return_outputs else loss
 
     def evaluate(self, *args, **kwargs):
         """Evaluate the current model, also under DeepSpeed between local rounds (no live engine then):
@@ -297,13 +282,8 @@ class FederatedTrainer(Trainer):
         """:meth:`evaluate` the global model (no client's offsets or adapter); numeric metrics only."""
         with self._gathered(modify=True):
             self.load_global_adapter()
-        out = {}
-        if self.eval_dataset is not None:
-            metrics = self.evaluate(ignore_keys=ignore_keys)
-            out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        if self.client_eval_datasets is not None:
-            out.update(evaluate_clients(self, self.client_eval_datasets, ignore_keys))
-        return out
+        metrics = self.evaluate(ignore_keys=ignore_keys) if self.eval_dataset is not None else {}
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
     # ------------------------------------------------------------------ the round loop
     def _train_client(self, round_idx: int, client: int, lr: float, ignore_keys_for_eval=None) -> dict:
@@ -322,31 +302,22 @@ class FederatedTrainer(Trainer):
             apply_client_start(self.layers, pad_factors(start.lora, self.lora_rank), start.offsets,
                                start.train_A, start.train_B, ADAPTER)
         overhead = time.perf_counter() - t_start
-        mask = RankMask(self.layers, rank, ADAPTER) if rank < self.lora_rank else None
         proximal = self._proximal and self._proximal(self.model)
         self.train_dataset = self.client_dataset(client)
         set_seed(seed)  # data order and dropout of this local round
         t0 = time.perf_counter()
         try:
-            with local_round_args(self.args, self.fed_args.local_steps, lr), proximal_loss(self, proximal):
+            with local_round_args(self.args, self.fed_args.local_steps, lr), proximal_loss(self, proximal), \
+                    RankMask(self.layers, rank, ADAPTER):
                 out = super().train(ignore_keys_for_eval=ignore_keys_for_eval)
         finally:
             self._step_offset += self.state.global_step
-            if mask is not None:
-                mask.remove()
             release_engine(self)
             clear_offsets(self.layers)
         with self._gathered():
             trained = truncate_factors(get_lora_factors(self.layers, ADAPTER), rank)
             extras = self.extra_parameters()
-        if not math.isfinite(out.training_loss):
-            raise ClientTrainingError(round_idx + 1, client, f"non-finite training loss {out.training_loss}")
-        for name, (B, A) in trained.items():
-            if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
-                raise ClientTrainingError(round_idx + 1, client, f"non-finite LoRA factors in '{name}'")
-        bad = first_non_finite(extras)
-        if bad is not None:
-            raise ClientTrainingError(round_idx + 1, client, f"non-finite values in '{bad}'")
+        check_local_result(round_idx + 1, client, out.training_loss, trained, extras)
         train_time = time.perf_counter() - t0
         t_upload = time.perf_counter()
         upload = self.strategy.client_upload(client, trained)
@@ -439,7 +410,7 @@ class FederatedTrainer(Trainer):
             tensors, strategy_tensors, state = load_checkpoint(path)
             check_resumable(path, state, self.fed_args.to_dict(), self.args.seed, _RESUMABLE_CHANGES)
             check_model_checkpoint(path, tensors, self.layers, self.extra_parameters())
-            optimizer_tensors = {k: strategy_tensors.pop(k) for k in list(strategy_tensors) if k.startswith("opt_")}
+            optimizer_tensors = split_optimizer_tensors(strategy_tensors)
             check_strategy_tensors(path, strategy_tensors, self.strategy)
             restore_rng_state(path, state)
             set_parameters(self.model, restore_model_tensors(self.layers, tensors))
@@ -504,15 +475,11 @@ class FederatedTrainer(Trainer):
         The repository is ``TrainingArguments.hub_model_id`` (default: the output
         directory's name); ``hub_token`` and ``hub_private_repo`` apply.
         """
-        from .hub import push_folder_to_hub
+        from .hub import push_output_dir
 
         self.save_model(self.args.output_dir)
         if not self.args.should_save:
             return ""
         if kwargs:  # Trainer.push_to_hub passes these on to the model card
             self.create_model_card(**kwargs)
-        repo_id = self.args.hub_model_id or Path(self.args.output_dir).resolve().name
-        # the model and its card only: federated checkpoints stay local
-        return push_folder_to_hub(self.args.output_dir, repo_id, token=token or self.args.hub_token,
-                                  private=self.args.hub_private_repo, commit_message=commit_message,
-                                  ignore_patterns=["round-*", ".round-*", "checkpoint-*", "_*"])
+        return push_output_dir(self.args, token, commit_message)

@@ -21,7 +21,7 @@ weight moves by ``s * B @ A`` where ``s`` is PEFT's LoRA scaling.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -199,8 +199,9 @@ class FederatedStrategy:
             raise ValueError("setup: no LoRA modules were given (do the target modules match anything?)")
         self.init_lora = {n: (B.detach().cpu().clone(), A.detach().cpu().clone()) for n, (B, A) in init_lora.items()}
 
-    def set_client_ranks(self, ranks: Mapping[int, int]) -> None:
+    def set_client_ranks(self, ranks: Mapping[int, int] | Sequence[int]) -> None:
         """Heterogeneous ranks (``client_rank.py``): client ``c`` starts, trains and uploads rank ``ranks[c]``."""
+        ranks = ranks if isinstance(ranks, Mapping) else dict(enumerate(ranks))
         bad = {c: r for c, r in ranks.items() if not 1 <= r <= self.rank}
         if bad:
             raise ValueError(f"client ranks must lie in [1, {self.rank}], got {bad}")
