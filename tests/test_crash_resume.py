@@ -46,7 +46,8 @@ def _checkpoint(run_dir: Path, round_number: int):
 def test_reference_run_completes(crash_runs):
     workdir, report = crash_runs
     assert report["reference"] == {"signal": None, "exit": 0}
-    assert sorted(p.name for p in (workdir / "reference").iterdir()) == ["round-1", "round-2", "round-3"]
+    entries = sorted(p.name for p in (workdir / "reference").iterdir())
+    assert entries == ["partition.png", "round-1", "round-2", "round-3"]  # the picture of the split, then checkpoints
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
@@ -59,7 +60,7 @@ def test_killed_run_resumes_to_identical_weights(crash_runs, point):
     # what survives the kill: the last complete checkpoint, never a partial round-<k>
     last_complete = KILL_ROUND if point == "between_rounds" else KILL_ROUND - 1
     assert killed["latest_after_kill"] == f"round-{last_complete}"
-    published = [e for e in killed["entries_after_kill"] if not e.startswith(".")]
+    published = [e for e in killed["entries_after_kill"] if not e.startswith(".") and e != "partition.png"]
     assert published == [f"round-{k}" for k in range(1, last_complete + 1)]
     if point.startswith("checkpoint_"):
         # the kill landed mid-write: a temporary directory is all that exists of round 2
@@ -67,7 +68,7 @@ def test_killed_run_resumes_to_identical_weights(crash_runs, point):
     # a fresh process resumed after the last complete round, ran only the rest, left no temporaries
     assert resumed["exit"] == 0 and resumed["signal"] is None, resumed
     assert resumed["rounds_run"] == list(range(last_complete + 1, NUM_ROUNDS + 1))
-    assert resumed["entries_after_resume"] == [f"round-{k}" for k in range(1, NUM_ROUNDS + 1)]
+    assert resumed["entries_after_resume"] == ["partition.png"] + [f"round-{k}" for k in range(1, NUM_ROUNDS + 1)]
     # every checkpoint the resumed process wrote equals the uninterrupted run's, bit for bit
     max_abs_diff = 0.0
     for k in range(last_complete + 1, NUM_ROUNDS + 1):
