@@ -55,6 +55,19 @@ def round_learning_rate(fed_args, learning_rate: float, round_idx: int) -> float
     return lo + 0.5 * (learning_rate - lo) * (1 + math.cos(math.pi * round_idx / fa.num_rounds))
 
 
+def federation_epoch(fed_args, step: int) -> float:
+    """Rounds elapsed after ``step`` optimizer steps of the whole federation (what its logs call ``epoch``)."""
+    return step / (fed_args.clients_per_round * fed_args.local_steps)
+
+
+def describe_federation(state, fed_args, steps: int) -> None:
+    """Make a ``TrainerState`` describe the federation, not its last local round: ``global_step`` and
+    ``max_steps`` count every client's optimizer steps, ``epoch`` and ``num_train_epochs`` count rounds."""
+    state.global_step, state.epoch = steps, federation_epoch(fed_args, steps)
+    state.max_steps = fed_args.num_rounds * fed_args.clients_per_round * fed_args.local_steps
+    state.num_train_epochs = fed_args.num_rounds
+
+
 def _client_failure(number: int, client: int, err: Exception) -> ClientTrainingError:
     return err if isinstance(err, ClientTrainingError) else ClientTrainingError(number, client, repr(err))
 

@@ -72,6 +72,8 @@ from .rounds import (
     ClientTrainingError,
     RoundEngine,
     SequentialExecutor,
+    describe_federation,
+    federation_epoch,
     round_learning_rate,
     sample_clients,
 )
@@ -233,12 +235,13 @@ class FederatedTrainer(Trainer):
         logs = {**logs, "round": round_number}
         if client is not None:
             logs["client"] = client
-        inner = self.state.global_step
+        inner, epoch = self.state.global_step, self.state.epoch
         self.state.global_step = self._step_offset + inner
+        self.state.epoch = federation_epoch(self.fed_args, self.state.global_step)  # rounds, not local data passes
         try:
             super().log(logs, start_time)
         finally:
-            self.state.global_step = inner
+            self.state.global_step, self.state.epoch = inner, epoch
         # Trainer starts a new TrainerState every local round; the run's history lives here.
         self._log_history.append(self.state.log_history[-1])
 
@@ -386,6 +389,7 @@ class FederatedTrainer(Trainer):
         finally:
             self.round_context = None
             self.state.log_history = list(self._log_history)
+            describe_federation(self.state, self.fed_args, self._step_offset)  # trainer_state.json: the whole run
         last = next((r for r in reversed(self.round_history) if "train_loss" in r), {})
         metrics = {"train_runtime": time.perf_counter() - t_start, "rounds": done}
         metrics.update({k: v for k, v in last.items() if isinstance(v, float)})

@@ -95,6 +95,8 @@ DEFAULTS = {
     "partition": "column",
     "partition_column": "category",
     "max_eval_samples": 64,
+    # SmolLM2 is published in bf16; the offline base is a dequantized fp32 copy: save the merged model at half its size
+    "save_dtype": "bfloat16",
 }
 
 

@@ -233,3 +233,10 @@ def test_residuals_of_quantized_layers_are_checked_by_shape_and_pairing(tmp_path
         check_model_tensors(tmp_path, {"residual/q/B": torch.ones(32, 3)}, {}, shapes)
     with pytest.raises(CheckpointError, match=r"unknown tensor 'residual/k/B'"):
         check_model_tensors(tmp_path, {"residual/k/B": torch.ones(32, 3), "residual/k/A": torch.ones(3, 16)}, {}, shapes)
+
+
+def test_save_rounds_minus_one_writes_no_federated_checkpoint(make_trainer, tmp_path):
+    trainer = make_trainer(fed=dict(strategy="fedit", num_rounds=2, local_steps=1, save_rounds=-1))
+    trainer.train()
+    assert len(trainer.round_history) == 2
+    assert not list(tmp_path.rglob("round-*")) and not list(tmp_path.rglob(".round-*"))

@@ -114,3 +114,19 @@ def test_progress_bar_moves_with_each_local_step():
     bar.on_client_end(None, state, None, round=1, client=1, metrics={"failed": "skipped"})
     assert bar.bar.n == 9, "a client round that ended early counts as its local_steps"
     bar.close()
+
+
+def test_trainer_state_and_logged_epochs_describe_the_federation(tmp_path):
+    import json
+
+    trainer = _trainer(tmp_path, logging_steps=1, max_steps=2)  # the user's max_steps: replaced, not the run's length
+    trainer.train()
+    steps = FED["num_rounds"] * FED["num_clients"] * FED["local_steps"]
+    assert trainer.state.global_step == steps and trainer.state.max_steps == steps
+    assert trainer.state.epoch == FED["num_rounds"] and trainer.state.num_train_epochs == FED["num_rounds"]
+    trainer.save_state()
+    saved = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert saved["global_step"] == steps and saved["max_steps"] == steps
+    logged = [(e["step"], e["epoch"]) for e in trainer.state.log_history if "loss" in e]
+    assert [s for s, _ in logged] == list(range(1, steps + 1))  # one per optimizer step, counted over the run
+    assert [e for _, e in logged] == [s / (FED["num_clients"] * FED["local_steps"]) for s, _ in logged]

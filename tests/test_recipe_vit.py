@@ -165,3 +165,36 @@ def test_help_shows_the_recipe_defaults_and_config_files_equal_flags(tmp_path, c
     assert parsed(*recipe.parse_args([str(tmp_path / "c.yaml")])) == parsed(*recipe.parse_args(tokens))
     args, fed, va = recipe.parse_args([str(tmp_path / "c.yaml"), "--num_rounds", "3"])
     assert (fed.num_rounds, fed.lora_alpha, args.learning_rate, va.patch_size) == (3, 8.0, 1e-3, 4)
+
+
+def test_accuracy_through_evaluate_when_it_loads_locally_otherwise_said_once(monkeypatch, capsys):
+    import sys
+    import types
+
+    import numpy as np
+    from transformers import EvalPrediction
+
+    import recipes.vit_classification as vit
+
+    pred = EvalPrediction(predictions=np.eye(4), label_ids=np.array([0, 1, 2, 0]))
+    vit.accuracy_metric.cache_clear()
+    offline = types.ModuleType("evaluate")
+    offline.load = lambda name: (_ for _ in ()).throw(FileNotFoundError(name))
+    monkeypatch.setitem(sys.modules, "evaluate", offline)
+    assert vit.compute_accuracy(pred) == {"accuracy": 0.75} and vit.compute_accuracy(pred) == {"accuracy": 0.75}
+    assert capsys.readouterr().out.count("computed locally") == 1
+
+    calls = []
+
+    class Accuracy:
+        def compute(self, predictions, references):
+            calls.append((list(predictions), list(references)))
+            return {"accuracy": 0.5}  # not the true value: proves the number came from evaluate
+
+    vit.accuracy_metric.cache_clear()
+    online = types.ModuleType("evaluate")
+    online.load = lambda name: Accuracy()
+    monkeypatch.setitem(sys.modules, "evaluate", online)
+    assert vit.compute_accuracy(pred) == {"accuracy": 0.5}
+    assert calls == [([0, 1, 2, 3], [0, 1, 2, 0])]
+    vit.accuracy_metric.cache_clear()
