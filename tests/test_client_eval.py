@@ -5,7 +5,6 @@ from __future__ import annotations
 import datasets
 import numpy as np
 import pytest
-import torch
 from conftest import make_counting_dataset, make_tiny_llama
 from transformers import TrainingArguments
 

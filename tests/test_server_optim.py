@@ -104,7 +104,7 @@ def test_resume_from_state_dict_is_bit_identical():
         current = {"q": _pair(gen)}
         rounds = [{"q": _pair(gen)} for _ in range(3)]
 
-        def update(agg):
+        def update(agg, space=space):
             return ServerUpdate(merge={} if space == "factors" else agg, global_lora=agg if space == "factors" else None)
 
         a.step(update(rounds[0]), current, space)
