@@ -24,7 +24,7 @@ def model_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("strategy", ["fedsmoothlora", "fedit"])
+@pytest.mark.parametrize("strategy", ["fedsmoothlora", "fedit", "ffa_lora"])
 def test_simulation_matches_in_process_trainer(tmp_path, model_dir, strategy, monkeypatch):
     # Ray actors import the builder module by name
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(TESTS.parent), *sys.path]))
@@ -54,10 +54,12 @@ def test_simulation_matches_in_process_trainer(tmp_path, model_dir, strategy, mo
     for got_r, want_r in zip(rounds, reference.round_history):
         assert got_r["client_train_loss"] == pytest.approx(want_r["client_train_loss"], abs=1e-6)
 
-    # what crossed the wire per client and round: r (d_in + d_out) float32 per module, plus headers
-    r = federated.lora_rank
-    lora_bytes = sum(r * (layer.in_features + layer.out_features) * 4 for layer in federated.layers.values())
-    n_arrays = 2 * len(federated.layers)
+    # what crossed the wire per client and round: r (d_in + d_out) float32 per module, plus headers;
+    # FFA-LoRA's A is frozen and shared, so only its B (r d_out) travels
+    r, ffa = federated.lora_rank, strategy == "ffa_lora"
+    lora_bytes = sum(r * (layer.out_features + (0 if ffa else layer.in_features)) * 4
+                     for layer in federated.layers.values())
+    n_arrays = (1 if ffa else 2) * len(federated.layers)
     for record in rounds:
         for c in map(str, record["clients"]):
             assert record["upload_lora_bytes"][c] == lora_bytes

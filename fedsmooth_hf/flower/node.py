@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .wire import arrays_to_factors, arrays_to_update, factors_to_arrays, tensors_to_arrays
+from .wire import arrays_to_factors, arrays_to_update, tensors_to_arrays, upload_to_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class ClientNode:
                     f"client {self.client} is at server update {self.applied}, round {round_idx + 1} needs {round_idx}"
                 )
             result = self.trainer.train_client_round(round_idx, self.client)
-            upload = factors_to_arrays("lora", result["upload"])
+            upload = upload_to_arrays(self.trainer.strategy, self.client, result["upload"])
             upload.update(tensors_to_arrays("extra", result["extras"]))
             metrics.update({k: result[k] for k in ("num_examples", "train_loss", "train_time_s", "strategy_overhead_s",
                                                    "first_loss", "strategy_metrics")})

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from ..factor_keys import UPLOAD_PREFIX
 from ..rounds import ClientExecutor, ClientTrainingError
 from .wire import factors_to_arrays, raw_bytes, result_from_reply, to_arrays, to_record, update_to_arrays
 
@@ -162,9 +163,9 @@ class FlowerExecutor(ClientExecutor):
                 failed[c] = reply.error.reason
             else:
                 arrays = to_arrays(reply.content["upload"])
-                outcomes[c] = result_from_reply(arrays, reply.content)
+                outcomes[c] = result_from_reply(self.trainer.strategy, c, arrays, reply.content)
                 wire[c] = reply.content["upload"].count_bytes()
-                lora[c] = raw_bytes({k: v for k, v in arrays.items() if k.startswith("lora/")})
+                lora[c] = raw_bytes({k: v for k, v in arrays.items() if k.startswith(UPLOAD_PREFIX + "/")})
                 self.synced[partitions[c]] = round_idx
                 self.initialized.add(partitions[c])
         if len(outcomes) < max(needed, 1):
