@@ -52,9 +52,10 @@ def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = No
     run-config keys the run does not set; the builder's config is the run config with the
     node config on top. Node config keys: ``partition-id`` (required),
     ``client-rank`` (the adapter rank this node trains and uploads, <= ``lora_r``; default its
-    ``FederatedArguments.client_ranks`` entry; the server adopts it), ``state-dir``, ``worker`` (``auto``/``inprocess``/``process``) and ``launcher`` (for
-    example ``"accelerate launch --num_processes 4"``: the local round runs on a
-    worker process group, Flower talks to rank 0 only).
+    ``FederatedArguments.client_ranks`` entry; the server adopts it), ``state-dir``,
+    ``worker`` (``auto``/``inprocess``/``process``) and ``launcher`` (for example
+    ``"accelerate launch --num_processes 4"``: the local round runs on a worker process
+    group, Flower talks to rank 0 only).
     """
     app = ClientApp()
     defaults = dict(defaults or {})
@@ -102,6 +103,6 @@ def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = No
         return Message(reply_content(metrics, upload), reply_to=msg)
 
     app.train()(handle)  # a local round; its reply carries the upload
-    app.evaluate()(handle)  # per-client evaluation on this node's held-out split; its reply carries metrics only
+    app.evaluate()(handle)  # the global model on this node's held-out split; its reply carries metrics only
 
     return app

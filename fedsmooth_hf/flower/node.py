@@ -202,7 +202,6 @@ class ClientNode:
         if config["action"] == "evaluate":
             metrics["client_eval"] = self.evaluate()
         if config["action"] == "train":
-            round_idx = int(config["round"])
             result = self.trainer.train_client_round(round_idx, self.client)
             upload = upload_to_arrays(self.trainer.strategy, self.client, result["upload"])
             upload.update(tensors_to_arrays("extra", result["extras"]))

@@ -22,8 +22,15 @@ from flwr.serverapp import Grid, ServerApp
 from ..client_eval import report_client_metrics
 from ..factor_keys import UPLOAD_PREFIX
 from ..rounds import ClientExecutor, ClientTrainingError
-from .wire import (factors_to_arrays, raw_bytes, reply_metrics, result_from_reply, to_arrays, to_record,
-                   update_to_arrays)
+from .wire import (
+    factors_to_arrays,
+    raw_bytes,
+    reply_metrics,
+    result_from_reply,
+    to_arrays,
+    to_record,
+    update_to_arrays,
+)
 
 logger = logging.getLogger(__name__)
 

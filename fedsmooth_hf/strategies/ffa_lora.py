@@ -7,8 +7,15 @@ upload sends only B: half the bytes of FedIT.
 
 from __future__ import annotations
 
-from .base import (UPLOAD_PREFIX, ClientStart, GlobalAdapterStrategy, ServerUpdate, flatten_factors, unflatten_factors,
-                   weighted_factor_mean)
+from .base import (
+    UPLOAD_PREFIX,
+    ClientStart,
+    GlobalAdapterStrategy,
+    ServerUpdate,
+    flatten_factors,
+    unflatten_factors,
+    weighted_factor_mean,
+)
 from .registry import register_strategy
 
 
