@@ -2,8 +2,9 @@
 
 (The Gradient-Aligned start's cost, sketched vs dense, has its own script: ``ga_cost.py``.)
 * ``communication``: bytes each client uploads per round, per strategy, measured on the real
-  uploads (the strategy's ``client_upload`` is wrapped), vs the analytic ``r (d_in + d_out) 4``
-  per module and vs the full model size; plus the analytic figures for SmolLM2-135M.
+  uploads (the strategy's ``client_upload`` is wrapped) in the form that travels (its
+  ``encode_upload``: FFA-LoRA sends only B), vs the analytic ``r (d_in + d_out) 4`` per module
+  and vs the full model size; plus the analytic figures for SmolLM2-135M.
 * ``memory``: peak RSS of a whole federated run vs the number of clients, each K in a fresh
   subprocess, so one K's allocations cannot hide another's.
 
@@ -70,8 +71,9 @@ def _plot_bars(labels, values, ylabel: str, title: str, path: Path, annotate=Non
 
 
 # ---------------------------------------------------------------------- communication
-def _factor_bytes(factors) -> int:
-    return sum(t.numel() * t.element_size() for B, A in factors.values() for t in (B, A))
+def _wire_bytes(strategy, client: int, upload) -> int:
+    """Bytes of what travels: the strategy's wire form of the upload (FFA-LoRA: B only)."""
+    return sum(t.numel() * t.element_size() for t in strategy.encode_upload(client, upload).values())
 
 
 def analytic_upload_bytes(model, rank: int, bytes_per_number: int = 4) -> tuple[int, int]:
@@ -113,9 +115,9 @@ def communication(out_dir: Path, smoke: bool = False) -> dict:
             sizes = []
             upload = trainer.strategy.client_upload
 
-            def counting_upload(client, trained, _upload=upload, _sizes=sizes):
+            def counting_upload(client, trained, _upload=upload, _sizes=sizes, _strategy=trainer.strategy):
                 result = _upload(client, trained)
-                _sizes.append(_factor_bytes(result))
+                _sizes.append(_wire_bytes(_strategy, client, result))
                 return result
 
             trainer.strategy.client_upload = counting_upload

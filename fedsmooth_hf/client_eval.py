@@ -18,6 +18,8 @@ import numpy as np
 
 # A metric whose name contains one of these is better when lower (the worst client has the highest).
 _LOWER_IS_BETTER = ("loss", "perplexity", "error", "wer", "cer")
+# Trainer.evaluate's timings: not a property of the client's data (and not reproducible)
+_TIMINGS = ("_runtime", "_per_second", "_preparation_time")
 
 
 def held_out_indices(size: int, fraction: float, seed: int, client: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,14 +79,23 @@ def held_out_splits(client_datasets: Sequence[Any], fed_args, seed: int) -> tupl
     return [train for train, _ in splits], [held for _, held in splits]
 
 
-def evaluate_clients(trainer, held_out: Sequence[Any], ignore_keys=None) -> dict:
-    """``trainer``'s current model on every client's held-out split: per-client metrics, mean, std, worst."""
-    per_client = {}
-    for client, held in enumerate(held_out):
-        metrics = trainer.evaluate(eval_dataset=held, ignore_keys=ignore_keys, metric_key_prefix="eval")
-        per_client[client] = {k.removeprefix("eval_"): float(v) for k, v in metrics.items()
-                              if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_per_second"))
-                              and k != "epoch"}
+def evaluate_client(trainer, held_out: Any, ignore_keys=None) -> dict[str, float]:
+    """``trainer``'s current model on one client's held-out split: its numeric metrics, no ``eval_`` prefix.
+
+    What a federation node runs on its own split (it sends back only these numbers)."""
+    metrics = trainer.evaluate(eval_dataset=held_out, ignore_keys=ignore_keys, metric_key_prefix="eval")
+    return {k.removeprefix("eval_"): float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not k.endswith(_TIMINGS) and k != "epoch"}
+
+
+def report_client_metrics(trainer, per_client: Mapping[int, Mapping[str, float]]) -> dict:
+    """Summarize every client's metrics (:func:`summarize_client_metrics`) and log the summary."""
     summary = summarize_client_metrics(per_client)
     trainer.log({k: v for k, v in summary.items() if isinstance(v, float)})
     return summary
+
+
+def evaluate_clients(trainer, held_out: Sequence[Any], ignore_keys=None) -> dict:
+    """``trainer``'s current model on every client's held-out split: per-client metrics, mean, std, worst."""
+    return report_client_metrics(trainer, {client: evaluate_client(trainer, held, ignore_keys)
+                                           for client, held in enumerate(held_out)})

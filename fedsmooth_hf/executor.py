@@ -48,6 +48,16 @@ class ClientExecutor:
     def run(self, engine: RoundEngine, round_idx: int, clients: list[int], learning_rate: float) -> dict:
         raise NotImplementedError
 
+    def evaluate_clients(self, engine: RoundEngine) -> dict:
+        """Per-client evaluation (``client_eval_fraction``): the global model on every client's
+        held-out split, summarized; here in this process, where the trainer holds every split."""
+        trainer = engine.trainer
+        if trainer.client_eval_datasets is None:
+            return {}
+        from .client_eval import evaluate_clients
+
+        return evaluate_clients(trainer, trainer.client_eval_datasets, engine.ignore_keys)
+
     def round_record(self) -> dict:
         """Fields this executor adds to the round's record (Flower: bytes on the wire)."""
         return {}

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-__all__ = ["flatten_factors", "unflatten_factors"]
+__all__ = ["UPLOAD_PREFIX", "flatten_factors", "unflatten_factors"]
+
+#: the prefix of a client upload's keys on the wire (``FederatedStrategy.encode_upload``)
+UPLOAD_PREFIX = "lora"
 
 
 def flatten_factors(prefix: str, factors: Mapping, convert: Callable = lambda t: t.contiguous()) -> dict:

@@ -28,7 +28,6 @@ import torch
 from transformers import TrainerControl
 
 from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback
-from .client_eval import evaluate_clients
 from .distributed import all_gather_objects, single_process_view, world
 from .executor import CLIENT_FIGURES, ClientExecutor, ClientTrainingError
 from .lowrank import factored_norm
@@ -276,6 +275,5 @@ class RoundEngine:
         t = self.trainer
         t.round_context = (number, None)
         metrics = t.evaluate_global(ignore_keys=self.ignore_keys)
-        if t.client_eval_datasets is not None:
-            metrics.update(evaluate_clients(t, t.client_eval_datasets, self.ignore_keys))
+        metrics.update(self.executor.evaluate_clients(self))
         return metrics

@@ -21,9 +21,13 @@ CONFIG = {
 
 
 def federated_arguments(config) -> FederatedArguments:
+    ranks = str(config.get("client-ranks", ""))  # e.g. "2,4" (run config values are scalars)
     return FederatedArguments(strategy=str(config["strategy"]), num_clients=int(config["num-clients"]),
                               num_rounds=int(config["num-rounds"]), local_steps=int(config["local-steps"]),
-                              lora_r=4, lora_alpha=8, ga_samples=8, ga_batch_size=8, eval_rounds=0)
+                              lora_r=4, lora_alpha=8, ga_samples=8, ga_batch_size=8,
+                              eval_rounds=int(config.get("eval-rounds", 0)),
+                              client_eval_fraction=float(config.get("client-eval-fraction", 0.0)),
+                              client_ranks=[int(r) for r in ranks.split(",") if r])
 
 
 def build_trainer(partition_id, config) -> FederatedTrainer:

@@ -85,3 +85,25 @@ def test_worker_process_group_trains_and_answers_through_rank_0(tmp_path):
     log = (tmp_path / "client" / "worker.log").read_text()
     assert "client 1: rank 0 of 2" in log and "client 1: rank 1 of 2" in log
     assert (tmp_path / "client" / "node.json").is_file()  # written by rank 0
+
+
+def test_node_config_client_rank_is_declared_and_uploaded(tmp_path):
+    """``client-rank`` in a node's config: the node says it when asked and uploads factors of that rank."""
+    from fedsmooth_hf.flower.node import NodeCache
+
+    make_tiny_llama().save_pretrained(tmp_path / "model")
+    config = {"model-path": str(tmp_path / "model"), "num-clients": 2, "trainer-output-dir": str(tmp_path / "out"),
+              "strategy": "fedit"}
+    server = build_trainer(None, config)
+    fingerprint = {f"fp-{k}": v for k, v in federation_fingerprint(server).items()}
+    nodes = NodeCache()
+    ready, _ = nodes.serve(build_trainer, 1, {**config, "client-rank": 2}, tmp_path / "client",
+                           ("ready", {"run_token": "run-1"}, {}))
+    assert ready["client_rank"] == 2 and server.lora_rank == 4
+    message = {"action": "train", "round": 0, "first_update": 0, "num_updates": 0, "run_token": "run-1",
+               "finish": False, **fingerprint}
+    _, upload = nodes.serve(build_trainer, 1, {**config, "client-rank": 2}, tmp_path / "client",
+                            ("handle", message, factors_to_arrays("init", server.strategy.init_lora)))
+    for name, layer in server.layers.items():
+        assert upload[f"lora/{name}/B"].shape == (layer.out_features, 2)
+        assert upload[f"lora/{name}/A"].shape == (2, layer.in_features)

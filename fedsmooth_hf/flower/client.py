@@ -1,7 +1,8 @@
 """The Flower ClientApp: forwards each round to this machine's client node.
 
 A message carries the server updates this client has not applied yet and, for a
-training round, the round number; the reply carries the LoRA upload and metrics.
+training round, the round number; the reply carries the LoRA upload and metrics. An
+evaluate message asks for the global model's metrics on this node's held-out split.
 Where the process lives on (simulation actors), the node (model + trainer) is cached
 in it; where it does not (a SuperNode's ``flwr-clientapp`` runs one message per
 process), the round goes to a long-lived worker process (:mod:`.worker`), which may be
@@ -50,9 +51,11 @@ def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = No
     module-level when a worker process is used. ``defaults`` fill in
     run-config keys the run does not set; the builder's config is the run config with the
     node config on top. Node config keys: ``partition-id`` (required),
-    ``state-dir``, ``worker`` (``auto``/``inprocess``/``process``) and ``launcher`` (for
-    example ``"accelerate launch --num_processes 4"``: the local round runs on a
-    worker process group, Flower talks to rank 0 only).
+    ``client-rank`` (the adapter rank this node trains and uploads, <= ``lora_r``; default its
+    ``FederatedArguments.client_ranks`` entry; the server adopts it), ``state-dir``,
+    ``worker`` (``auto``/``inprocess``/``process``) and ``launcher`` (for example
+    ``"accelerate launch --num_processes 4"``: the local round runs on a worker process
+    group, Flower talks to rank 0 only).
     """
     app = ClientApp()
     defaults = dict(defaults or {})
@@ -85,17 +88,21 @@ def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = No
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        """Get ready (load the model once, before round 1) and say which partition this node holds."""
+        """Get ready (load the model once, before round 1); say which partition this node holds and the
+        adapter rank it trains (heterogeneous ranks)."""
         metrics, _ = dispatch(context, ("ready", dict(msg.content["config"]), {}))
         info = ConfigRecord({"partition-id": int(context.node_config["partition-id"]),
                              "num-examples": int(metrics["num_examples"]),
-                             "base-weight-sum": float(metrics["base_weight_sum"])})
+                             "base-weight-sum": float(metrics["base_weight_sum"]),
+                             "client-rank": int(metrics["client_rank"])})
         return Message(RecordDict({"node": info}), reply_to=msg)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def handle(msg: Message, context: Context) -> Message:
         request = ("handle", dict(msg.content["config"]), to_arrays(msg.content.array_records.get("updates")))
         metrics, upload = dispatch(context, request)
         return Message(reply_content(metrics, upload), reply_to=msg)
+
+    app.train()(handle)  # a local round; its reply carries the upload
+    app.evaluate()(handle)  # the global model on this node's held-out split; its reply carries metrics only
 
     return app

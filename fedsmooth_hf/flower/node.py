@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .wire import arrays_to_factors, arrays_to_update, factors_to_arrays, tensors_to_arrays
+from .wire import arrays_to_factors, arrays_to_update, tensors_to_arrays, upload_to_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ def federation_fingerprint(trainer) -> dict:
     """What server and client must agree on, or their rounds would silently differ."""
     fa = trainer.fed_args
     return {"strategy": fa.strategy, "lora_r": trainer.lora_rank, "num_rounds": fa.num_rounds,
-            "local_steps": fa.local_steps, "seed": int(trainer.args.seed)}
+            "local_steps": fa.local_steps, "seed": int(trainer.args.seed),
+            "client_eval_fraction": float(fa.client_eval_fraction)}  # the held-out split is seeded by it
 
 
 def base_weight_sum(trainer) -> float:
@@ -73,11 +74,15 @@ class ClientNode:
             it seeds the local rounds exactly as inside ``FederatedTrainer.train()``.
         state_dir: where the per-client state is persisted.
         run_token: the run this node serves; state of another run in ``state_dir`` is discarded.
+        rank: the adapter rank this client trains and uploads (heterogeneous ranks); None: the
+            trainer's (``FederatedArguments.client_ranks``, else ``lora_r``).
     """
 
-    def __init__(self, trainer, client: int, state_dir: str | os.PathLike, run_token: str):
+    def __init__(self, trainer, client: int, state_dir: str | os.PathLike, run_token: str, rank: int | None = None):
         self.trainer = trainer
         self.client = int(client)
+        if rank is not None:
+            trainer.strategy.set_client_ranks({self.client: int(rank)})
         # a trainer holding one dataset serves it as this client's (trainer.client_dataset)
         if len(trainer.client_datasets) > 1 and not 0 <= self.client < len(trainer.client_datasets):
             raise ValueError(f"client {client} is not one of the trainer's {len(trainer.client_datasets)} clients")
@@ -142,11 +147,20 @@ class ClientNode:
         self.trainer.load_global_adapter()
         self.has_initial_adapter = True
 
+    def evaluate(self) -> dict[str, float]:
+        """The global model on this client's held-out split (``client_eval_fraction``): metrics only."""
+        from ..client_eval import evaluate_client
+
+        held = self.trainer.client_eval_datasets  # set: the fingerprint holds the server's client_eval_fraction > 0
+        self.trainer.load_global_adapter()
+        return evaluate_client(self.trainer, held[0 if len(held) == 1 else self.client])
+
     # ------------------------------------------------------------------ one message
     def handle(self, config: Mapping, arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
-        """Apply the updates in ``arrays``; train if ``config["action"] == "train"``.
+        """Apply the updates in ``arrays``; train if ``config["action"] == "train"``, evaluate this
+        client's held-out split if ``"evaluate"``.
 
-        ``config``: ``action`` (``train``/``sync``), ``run_token``, ``round`` (0-based),
+        ``config``: ``action`` (``train``/``evaluate``/``sync``), ``run_token``, ``round`` (0-based),
         ``first_update``/``num_updates`` (which server updates ``arrays`` holds) and the
         server's fingerprint. Returns ``(metrics, upload arrays)``.
         """
@@ -179,14 +193,17 @@ class ClientNode:
             self.applied = k + 1
         metrics: dict = {"applied_updates": self.applied, "base_weight_sum": base_weight_sum(self.trainer)}
         upload: dict[str, np.ndarray] = {}
-        if config["action"] == "train":
+        if config["action"] in ("train", "evaluate"):
             round_idx = int(config["round"])
             if self.applied != round_idx:
                 raise RuntimeError(
                     f"client {self.client} is at server update {self.applied}, round {round_idx + 1} needs {round_idx}"
                 )
+        if config["action"] == "evaluate":
+            metrics["client_eval"] = self.evaluate()
+        if config["action"] == "train":
             result = self.trainer.train_client_round(round_idx, self.client)
-            upload = factors_to_arrays("lora", result["upload"])
+            upload = upload_to_arrays(self.trainer.strategy, self.client, result["upload"])
             upload.update(tensors_to_arrays("extra", result["extras"]))
             metrics.update({k: result[k] for k in ("num_examples", "train_loss", "train_time_s", "strategy_overhead_s",
                                                    "first_loss", "strategy_metrics")})
@@ -209,7 +226,8 @@ class NodeCache:
             del self._nodes[key], node
             gc.collect()
         trainer = build_trainer(int(client), dict(config))
-        node = ClientNode(trainer, int(client), state_dir, str(run_token))
+        rank = config.get("client-rank")
+        node = ClientNode(trainer, int(client), state_dir, str(run_token), None if rank in (None, "") else int(rank))
         self._nodes[key] = node
         return node
 
@@ -219,7 +237,8 @@ class NodeCache:
         action, message_config, arrays = request
         node = self.get(build_trainer, client, config, state_dir, message_config["run_token"])
         if action == "ready":
-            return {"num_examples": node.num_examples, "base_weight_sum": base_weight_sum(node.trainer)}, {}
+            return {"num_examples": node.num_examples, "base_weight_sum": base_weight_sum(node.trainer),
+                    "client_rank": node.trainer.strategy.client_rank(node.client)}, {}
         return node.handle(message_config, arrays)
 
 

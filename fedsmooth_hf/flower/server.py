@@ -19,8 +19,18 @@ from collections.abc import Callable, Mapping
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from ..client_eval import report_client_metrics
+from ..factor_keys import UPLOAD_PREFIX
 from ..rounds import ClientExecutor, ClientTrainingError
-from .wire import factors_to_arrays, raw_bytes, result_from_reply, to_arrays, to_record, update_to_arrays
+from .wire import (
+    factors_to_arrays,
+    raw_bytes,
+    reply_metrics,
+    result_from_reply,
+    to_arrays,
+    to_record,
+    update_to_arrays,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +60,9 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
 
 
 def _partition_map(grid: Grid, nodes: list[int], timeout: float | None, run_token: str,
-                   base_sum: float) -> dict[int, int]:
-    """partition-id -> node id, asked of every connected node; each loads its model before it answers.
+                   base_sum: float) -> tuple[dict[int, int], dict[int, int]]:
+    """partition-id -> node id and partition-id -> declared adapter rank, asked of every connected
+    node; each loads its model before it answers.
 
     A node whose base model differs from the server's (another checkpoint, another
     pretraining) would train on weights the server never merges into: it is refused.
@@ -59,6 +70,7 @@ def _partition_map(grid: Grid, nodes: list[int], timeout: float | None, run_toke
     ready = RecordDict({"config": ConfigRecord({"run_token": run_token})})
     msgs = [Message(ready, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     mapping: dict[int, int] = {}
+    ranks: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         if reply.has_error():
             logger.warning("node %s did not say its partition-id: %s", reply.metadata.src_node_id, reply.error.reason)
@@ -73,7 +85,8 @@ def _partition_map(grid: Grid, nodes: list[int], timeout: float | None, run_toke
         if pid in mapping:
             raise FederationError(f"two SuperNodes claim partition-id={pid}: every client needs its own")
         mapping[pid] = reply.metadata.src_node_id
-    return mapping
+        ranks[pid] = int(reply.content["node"]["client-rank"])
+    return mapping, ranks
 
 
 def _too_few(round_idx, got, clients, needed, fraction, failed, what="returned an upload"):
@@ -114,14 +127,22 @@ class FlowerExecutor(ClientExecutor):
         trainer, config = self.trainer, self.config
         nodes = _wait_for_nodes(self.grid, _option(config, "min-available-nodes", trainer.fed_args.num_clients),
                                 _option(config, "wait-for-nodes-timeout", 300.0))
-        self.partitions = _partition_map(self.grid, nodes, _option(config, "query-timeout", 900.0), self.run_token,
-                                         base_weight_sum(trainer))
+        self.partitions, declared = _partition_map(self.grid, nodes, _option(config, "query-timeout", 900.0),
+                                                   self.run_token, base_weight_sum(trainer))
+        # heterogeneous ranks: each node trains the rank it declares; the server's strategy follows it
+        strategy = trainer.strategy
+        ranks = {c: strategy.client_rank(c) for c in range(trainer.fed_args.num_clients)}
+        try:
+            strategy.set_client_ranks({**ranks, **declared})
+        except ValueError as err:
+            raise FederationError(f"a SuperNode declared an adapter rank the federation cannot take: {err}") from err
         logger.info("federation: partitions %s on %d SuperNodes", sorted(self.partitions), len(nodes))
         self.fingerprint = {f"fp-{k}": v for k, v in federation_fingerprint(trainer).items()}
         self.full_model = model_bytes(trainer)
         self.initial_adapter = factors_to_arrays("init", trainer.strategy.init_lora)
 
-    def _message(self, node: int, action: str, round_idx: int, finish: bool = False) -> Message:
+    def _message(self, node: int, action: str, round_idx: int, finish: bool = False,
+                 message_type: str = MessageType.TRAIN) -> Message:
         first = self.synced.get(node, 0)
         # a client that has not trained yet also gets the initial adapter (PEFT's random A differs per process)
         arrays = dict(self.initial_adapter) if node not in self.initialized else {}
@@ -131,7 +152,7 @@ class FlowerExecutor(ClientExecutor):
                "num_updates": len(self.update_log) - first, "run_token": self.run_token, "finish": finish,
                **self.fingerprint}
         content = RecordDict({"config": ConfigRecord(cfg), "updates": to_record(arrays)})
-        return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_idx + 1))
+        return Message(content, dst_node_id=node, message_type=message_type, group_id=str(round_idx + 1))
 
     def run(self, engine, round_idx, clients, learning_rate):
         number, partitions = round_idx + 1, self.partitions
@@ -162,9 +183,9 @@ class FlowerExecutor(ClientExecutor):
                 failed[c] = reply.error.reason
             else:
                 arrays = to_arrays(reply.content["upload"])
-                outcomes[c] = result_from_reply(arrays, reply.content)
+                outcomes[c] = result_from_reply(self.trainer.strategy, c, arrays, reply.content)
                 wire[c] = reply.content["upload"].count_bytes()
-                lora[c] = raw_bytes({k: v for k, v in arrays.items() if k.startswith("lora/")})
+                lora[c] = raw_bytes({k: v for k, v in arrays.items() if k.startswith(UPLOAD_PREFIX + "/")})
                 self.synced[partitions[c]] = round_idx
                 self.initialized.add(partitions[c])
         if len(outcomes) < max(needed, 1):
@@ -184,6 +205,34 @@ class FlowerExecutor(ClientExecutor):
 
     def round_record(self) -> dict:
         return self._record
+
+    def evaluate_clients(self, engine) -> dict:
+        """Each node evaluates the current global model on its own held-out split and replies with
+        metrics only; the summary is the in-process one. A node that fails is named in
+        ``client_eval_failed`` and left out of the summary."""
+        if self.trainer.fed_args.client_eval_fraction <= 0:
+            return {}
+        applied = len(self.update_log)
+        by_node = {n: c for c, n in self.partitions.items()}
+        msgs = [self._message(n, "evaluate", applied, message_type=MessageType.EVALUATE) for n in sorted(by_node)]
+        per_client, failed = {}, {}
+        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                failed[by_node[node]] = reply.error.reason
+                continue
+            per_client[by_node[node]] = reply_metrics(reply.content)["client_eval"]
+            self.synced[node] = applied
+            self.initialized.add(node)
+        for c in by_node.values():
+            if c not in per_client and c not in failed:
+                failed[c] = f"no reply within round-timeout={self.timeout} s"
+        for c, reason in failed.items():
+            logger.warning("client %d did not evaluate: %s", c, reason)
+        summary = report_client_metrics(self.trainer, dict(sorted(per_client.items()))) if per_client else {}
+        if failed:
+            summary["client_eval_failed"] = {str(c): r for c, r in sorted(failed.items())}
+        return summary
 
     def server_update(self, round_idx: int, update, extras) -> None:
         self.update_log.append(update_to_arrays(round_idx, update, extras))

@@ -2,8 +2,9 @@
 
 Keys are ``<prefix>/<module>/B`` and ``<prefix>/<module>/A`` (the package's one factor
 codec, :mod:`fedsmooth_hf.factor_keys`; ``<prefix>/<name>`` for ``modules_to_save``
-values). The base model never travels: per client and round the upload is
-``r * (d_in + d_out)`` float32 numbers per adapted module. A reply carries the upload,
+values). The base model never travels: per client and round the upload is the
+strategy's wire form of its factors (``encode_upload``): ``r * (d_in + d_out)``
+float32 numbers per adapted module, ``r * d_out`` for FFA-LoRA (only B). A reply carries the upload,
 its numbers as a ``MetricRecord`` and the rest of a client round's result (first loss,
 the strategy's client metrics) as JSON.
 """
@@ -16,11 +17,11 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ..factor_keys import flatten_factors, unflatten_factors
+from ..factor_keys import UPLOAD_PREFIX, flatten_factors, unflatten_factors
 
 __all__ = ["factors_to_arrays", "arrays_to_factors", "tensors_to_arrays", "arrays_to_tensors",
-           "update_to_arrays", "arrays_to_update", "raw_bytes", "to_arrays", "to_record", "reply_content",
-           "result_from_reply"]
+           "update_to_arrays", "arrays_to_update", "upload_to_arrays", "arrays_to_upload", "raw_bytes", "to_arrays",
+           "to_record", "reply_content", "reply_metrics", "result_from_reply"]
 
 
 def _to_numpy(t) -> np.ndarray:
@@ -39,6 +40,17 @@ def factors_to_arrays(prefix: str, factors) -> dict[str, np.ndarray]:
 
 def arrays_to_factors(prefix: str, arrays: Mapping[str, np.ndarray]) -> dict:
     return unflatten_factors(prefix, arrays, _to_torch)
+
+
+def upload_to_arrays(strategy, client: int, upload) -> dict[str, np.ndarray]:
+    """A client's upload in the strategy's wire form (:meth:`~fedsmooth_hf.strategies.FederatedStrategy.encode_upload`)."""
+    return {k: _to_numpy(v) for k, v in strategy.encode_upload(client, upload).items()}
+
+
+def arrays_to_upload(strategy, client: int, arrays: Mapping[str, np.ndarray]) -> dict:
+    """Inverse of :func:`upload_to_arrays`, on the server: the upload's factors."""
+    head = UPLOAD_PREFIX + "/"
+    return strategy.decode_upload(client, {k: _to_torch(v) for k, v in arrays.items() if k.startswith(head)})
 
 
 def tensors_to_arrays(prefix: str, tensors) -> dict[str, np.ndarray]:
@@ -89,11 +101,16 @@ def reply_content(metrics: Mapping, upload: Mapping[str, np.ndarray]) -> RecordD
                        "details": ConfigRecord({"json": json.dumps(details)})})
 
 
-def result_from_reply(arrays: Mapping[str, np.ndarray], content: RecordDict) -> dict:
+def reply_metrics(content: RecordDict) -> dict:
+    """Inverse of :func:`reply_content`'s split: the numbers and the JSON details as one dict."""
+    return {**json.loads(str(content["details"]["json"])), **content["metrics"]}
+
+
+def result_from_reply(strategy, client: int, arrays: Mapping[str, np.ndarray], content: RecordDict) -> dict:
     """A training reply as the round loop's client result (``FederatedTrainer.train_client_round``'s keys)."""
-    metrics = {**json.loads(str(content["details"]["json"])), **content["metrics"]}
+    metrics = reply_metrics(content)
     return {
-        "upload": arrays_to_factors("lora", arrays),
+        "upload": arrays_to_upload(strategy, client, arrays),
         "extras": arrays_to_tensors("extra", arrays),
         "num_examples": int(metrics["num_examples"]),
         "train_loss": float(metrics["train_loss"]),

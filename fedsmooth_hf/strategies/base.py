@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..factor_keys import flatten_factors, unflatten_factors
+from ..factor_keys import UPLOAD_PREFIX, flatten_factors, unflatten_factors
 from ..lowrank import stack_factors
 
-__all__ = ["StrategyOptionError", "ClientStart", "ServerUpdate", "FederatedStrategy", "GlobalAdapterStrategy", "flatten_factors",
+__all__ = ["UPLOAD_PREFIX", "StrategyOptionError", "ClientStart", "ServerUpdate", "FederatedStrategy", "GlobalAdapterStrategy", "flatten_factors",
            "unflatten_factors", "normalize_weights", "check_upload", "weighted_factor_mean", "product_sum",
            "truncated_product_mean"]
 
@@ -251,6 +251,16 @@ class FederatedStrategy:
     def client_upload(self, client: int, trained: Mapping[str, Factors]) -> ModuleFactors:
         """What the client sends after training; by default its trained factors."""
         return {n: (B.detach().float().cpu(), A.detach().float().cpu()) for n, (B, A) in trained.items()}
+
+    def encode_upload(self, client: int, upload: ModuleFactors) -> dict[str, torch.Tensor]:
+        """What of ``client``'s upload travels to the server: flat tensors under the factor codec
+        (``lora/<module>/B`` and ``.../A``). Both factors by default; a strategy whose server
+        already knows part of the upload sends less (FFA-LoRA: only ``B``)."""
+        return flatten_factors(UPLOAD_PREFIX, upload)
+
+    def decode_upload(self, client: int, wire: Mapping[str, torch.Tensor]) -> ModuleFactors:
+        """Inverse of :meth:`encode_upload` on the server: the upload's factors."""
+        return unflatten_factors(UPLOAD_PREFIX, wire)
 
     def remember_upload(self, client: int, upload: ModuleFactors) -> None:
         """Record an upload computed by another process (client-parallel rounds); stateless strategies ignore it."""

@@ -1,12 +1,21 @@
 """FFA-LoRA: A stays frozen at its shared random init, only B is trained and averaged.
 
 With A identical on every client, ``mean(B) A == mean(B A)``: FedAvg is exact, at
-the price of half the trainable parameters.
+the price of half the trainable parameters. Since the server already holds A, an
+upload sends only B: half the bytes of FedIT.
 """
 
 from __future__ import annotations
 
-from .base import ClientStart, GlobalAdapterStrategy, ServerUpdate, weighted_factor_mean
+from .base import (
+    UPLOAD_PREFIX,
+    ClientStart,
+    GlobalAdapterStrategy,
+    ServerUpdate,
+    flatten_factors,
+    unflatten_factors,
+    weighted_factor_mean,
+)
 from .registry import register_strategy
 
 
@@ -17,6 +26,14 @@ class FFALoRA(GlobalAdapterStrategy):
 
     def client_start(self, client, grads=None):
         return ClientStart(lora=self._at_client_rank(client, self._global), train_A=False)
+
+    def encode_upload(self, client, upload):
+        return {k: v for k, v in flatten_factors(UPLOAD_PREFIX, upload).items() if k.endswith("/B")}
+
+    def decode_upload(self, client, wire):
+        """B from the wire; A is the shared init (its leading rows for a client of smaller rank)."""
+        return {n: (B, self.init_lora[n][1][: B.shape[1]].clone())
+                for n, (B, _) in unflatten_factors(UPLOAD_PREFIX, wire).items()}
 
     def aggregate(self, uploads, weights):
         w = self._validated(uploads, weights)
