@@ -533,7 +533,7 @@ def trainer_arguments(model, processor, train_ds, eval_ds, args: TrainingArgumen
         data_collator=default_data_collator,
         processing_class=processor,
         compute_metrics=compute_accuracy,
-        callbacks=[RoundPrinterCallback(keys=("eval_accuracy", "eval_loss", "train_loss"))],
+        callbacks=[RoundPrinterCallback(keys=("eval_accuracy", "client_eval_accuracy_mean", "client_eval_accuracy_worst", "eval_loss", "train_loss"))],
     )
 
 
