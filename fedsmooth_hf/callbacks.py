@@ -138,11 +138,13 @@ class RoundPrinterCallback(FederatedCallback):
     already; ``trainer.remove_callback(RoundPrinterCallback)`` silences it.
 
     Args:
-        keys: metrics to show, in order, when a round has them.
+        keys: metrics to show, in order, when a round has them (the worst client's, with
+            ``client_eval_fraction``).
         perplexity: also show ``exp(eval_loss)`` (language models).
     """
 
-    def __init__(self, keys=("eval_accuracy", "eval_loss", "train_loss"), perplexity: bool = False):
+    def __init__(self, keys=("eval_accuracy", "eval_loss", "client_eval_accuracy_worst", "client_eval_loss_worst",
+                             "train_loss"), perplexity: bool = False):
         self.keys = tuple(keys)
         self.perplexity = perplexity
 

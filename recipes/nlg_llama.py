@@ -312,7 +312,7 @@ def build(args: TrainingArguments, fed_args: FederatedArguments, md: ModelDataAr
         eval_dataset=eval_ds,
         data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[RoundPrinterCallback(keys=("train_loss", "eval_loss"), perplexity=True)],
+        callbacks=[RoundPrinterCallback(keys=("train_loss", "eval_loss", "client_eval_loss_mean", "client_eval_loss_worst"), perplexity=True)],
     )
 
 

@@ -489,6 +489,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path, ti
 
 
 def plot_accuracy_by_round(history: list[dict], chance: float, path: Path, title: str) -> None:
+    """The global model's accuracy per round; with per-client evaluation also the clients' mean and worst."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -499,6 +500,11 @@ def plot_accuracy_by_round(history: list[dict], chance: float, path: Path, title
     fig, ax = plt.subplots(figsize=(6, 4))
     if points:
         ax.plot(*zip(*points), marker="o", label="global model")
+    for key, label, style in (("client_eval_accuracy_mean", "clients' held-out splits: mean", "-"),
+                              ("client_eval_accuracy_worst", "clients' held-out splits: worst client", ":")):
+        client_points = [(r["round"], r[key]) for r in history if key in r]  # with --client_eval_fraction
+        if client_points:
+            ax.plot(*zip(*client_points), linestyle=style, marker=".", label=label)
     ax.axhline(chance, color="gray", linestyle="--", label=f"chance ({chance:.2f})")
     ax.set_xlabel("round (0 = before federated training)")
     ax.set_ylabel("eval accuracy")
@@ -527,7 +533,7 @@ def trainer_arguments(model, processor, train_ds, eval_ds, args: TrainingArgumen
         data_collator=default_data_collator,
         processing_class=processor,
         compute_metrics=compute_accuracy,
-        callbacks=[RoundPrinterCallback(keys=("eval_accuracy", "eval_loss", "train_loss"))],
+        callbacks=[RoundPrinterCallback(keys=("eval_accuracy", "client_eval_accuracy_mean", "client_eval_accuracy_worst", "eval_loss", "train_loss"))],
     )
 
 

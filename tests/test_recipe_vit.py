@@ -198,3 +198,25 @@ def test_accuracy_through_evaluate_when_it_loads_locally_otherwise_said_once(mon
     assert vit.compute_accuracy(pred) == {"accuracy": 0.5}
     assert calls == [([0, 1, 2, 3], [0, 1, 2, 0])]
     vit.accuracy_metric.cache_clear()
+
+
+def test_accuracy_plot_draws_the_clients_mean_and_worst_when_evaluated(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    import recipes.vit_classification as vit
+
+    drawn = {}
+    save = plt.Figure.savefig
+
+    def spy(fig, path, **kw):
+        drawn.update({line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()})
+        return save(fig, path, **kw)
+
+    monkeypatch.setattr(plt.Figure, "savefig", spy)
+    history = [{"round": k, "eval_accuracy": 0.5 + k / 10, "client_eval_accuracy_mean": 0.4 + k / 10,
+                "client_eval_accuracy_worst": 0.2 + k / 10} for k in range(3)]
+    vit.plot_accuracy_by_round(history, 0.1, tmp_path / "acc.png", "t")
+    assert (tmp_path / "acc.png").exists()
+    for label, key in (("global model", "eval_accuracy"), ("clients' held-out splits: mean", "client_eval_accuracy_mean"),
+                       ("clients' held-out splits: worst client", "client_eval_accuracy_worst")):
+        assert drawn[label] == pytest.approx([r[key] for r in history])
