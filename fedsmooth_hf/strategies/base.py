@@ -213,8 +213,10 @@ class FederatedStrategy:
 
     def _at_client_rank(self, client: int, factors: ModuleFactors) -> ModuleFactors:
         """HetLoRA's truncation: the leading ``client_rank`` components of ``factors``."""
+        from ..client_rank import truncate_factors
+
         k = self.client_rank(client)
-        return factors if k == self.rank else {n: (B[:, :k].clone(), A[:k].clone()) for n, (B, A) in factors.items()}
+        return factors if k == self.rank else truncate_factors(factors, k)
 
     def begin_round(self, round_idx: int) -> None:
         """Called once before the clients of round ``round_idx`` (0-based) start."""
