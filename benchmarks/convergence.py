@@ -19,6 +19,8 @@ Tasks (each reuses its recipe's data loading, model and defaults)::
     python benchmarks/convergence.py --task nlg            # SmolLM2-135M, WordNet definitions
     python benchmarks/convergence.py --task nlg8           # the same over 8 rounds, 8 clients, 3 seeds
     python benchmarks/convergence.py --task nlg8-ablation  # FedSmoothLoRA variants on nlg8
+    python benchmarks/convergence.py --task lm-cls         # SmolLM2-135M + new head, 10 WordNet categories
+    python benchmarks/convergence.py --task lm-cls-ablation  # FedSmoothLoRA variants on lm-cls, label skew
     python benchmarks/convergence.py --task tiny           # tiny ViT from scratch on sklearn digits (seconds)
     python benchmarks/convergence.py --task vit --quick    # few rounds, 2 strategies, 1 seed
 
@@ -56,6 +58,10 @@ from fedsmooth_hf.strategies import available_strategies  # noqa: E402
 CACHE_DIR = Path(os.environ.get("FEDSMOOTH_BENCH_CACHE", Path.home() / ".cache" / "fedsmooth_hf" / "bench"))
 STRATEGIES = ["fedit", "ffa_lora", "fedex_lora", "flexlora", "frlora", "fedsmoothlora"]
 REFERENCE = "fedit"
+
+# lm-cls's label space: ten WordNet lexicographer categories of distinct domains (about 185 glosses each).
+LM_CLS_CATEGORIES = ["noun.animal", "noun.plant", "noun.food", "noun.person", "noun.body", "noun.location",
+                     "noun.artifact", "noun.time", "verb.motion", "verb.communication"]
 
 # Per-task settings: recipe arguments (override the recipe's own defaults) and sweep sizes.
 TASKS = {
@@ -109,21 +115,37 @@ TASKS = {
                  ("fedsmoothlora exact_round_matching", "dirichlet0.1-2of10")],
     },
     # A pretrained foundation model, a new head, label skew: the paper's image protocol on SmolLM2-135M.
-    # Cuts to fit 2 CPU cores: the first 12 of the 30 pretrained decoder layers, LoRA on q_proj/v_proj
-    # only, 32-token inputs, 200 eval examples.
+    # Ten WordNet categories (a CIFAR-10-sized label space); cuts to fit 2 CPU cores: the first 6 of the
+    # 30 pretrained decoder layers, LoRA on q_proj/v_proj only, 24-token inputs, 8 rounds x 4 steps.
     "lm-cls": {
         "recipe": {"num_clients": 10, "num_rounds": 8, "local_steps": 4, "learning_rate": 2e-3,
-                   "backbone_layers": 12,
-                   "per_device_train_batch_size": 8, "per_device_eval_batch_size": 50,
-                   "max_eval_samples": 200, "max_length": 32, "ga_samples": 16, "ga_batch_size": 8,
+                   "backbone_layers": 6, "categories": ",".join(LM_CLS_CATEGORIES),
+                   "per_device_train_batch_size": 8, "per_device_eval_batch_size": 64,
+                   "max_length": 24, "ga_samples": 16, "ga_batch_size": 8,
                    "lora_r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
                    "modules_to_save": ["score"]},
         "partitions": {"dirichlet0.1": {"partition": "dirichlet", "dirichlet_alpha": 0.1, "partition_column": "label"},
                        "dirichlet0.1-5of10": {"partition": "dirichlet", "dirichlet_alpha": 0.1,
                                               "partition_column": "label", "clients_per_round": 5},
                        "iid": {"partition": "iid"}},
+        "strategies": ["fedit", "fedex_lora", "flexlora", "frlora", "fedsmoothlora"],
         "seeds": 3,
         "metric": "eval_accuracy",
+    },
+    # Which part of FedSmoothLoRA helps on the classifier? lm-cls's settings, label skew; its fedit and default reused.
+    "lm-cls-ablation": {
+        "recipe": None,  # lm-cls's
+        "partitions": None,
+        "seeds": 3,
+        "metric": "eval_accuracy",
+        "reuses": "lm-cls",
+        "variants": {
+            "fedit": {"strategy": "fedit"},
+            "fedsmoothlora (defaults: zeta cosine 1->0)": {},
+            "no Round-Matching (zeta=0)": {"zeta": 0.0},
+            "no Gradient-Aligned (ga_init=False)": {"ga_init": False},
+            "zeta constant": {"zeta_mode": "constant"},
+        },
     },
     "nlg": {
         "recipe": {"num_clients": 4, "clients_per_round": 4, "num_rounds": 3, "local_steps": 3,
@@ -170,6 +192,8 @@ TASKS = {
     },
 }
 TASKS["nlg8-ablation"].update(recipe=TASKS["nlg8"]["recipe"], partitions=TASKS["nlg8"]["partitions"])
+TASKS["lm-cls-ablation"].update(recipe=TASKS["lm-cls"]["recipe"],
+                                partitions={"dirichlet0.1": TASKS["lm-cls"]["partitions"]["dirichlet0.1"]})
 DEVICE = "cpu"  # --device: where every run trains ("cuda" uses the first GPU)
 QUICK = {"num_rounds": 3, "strategies": ["fedit", "fedsmoothlora"], "seeds": 1}
 
@@ -297,26 +321,31 @@ class NlgTask:
 
 
 class LmClassificationTask:
-    """SmolLM2-135M with a new classification head: WordNet word + gloss -> one of 45 lexicographer categories.
+    """SmolLM2-135M with a new classification head: WordNet word + gloss -> its lexicographer category.
 
     The offline analogue of the paper's ViT-on-CIFAR protocol: a pretrained foundation backbone,
     a fresh head trained in full (``modules_to_save``), clients split by label.
     """
 
-    MODEL_OPTIONS = ("max_length", "max_train_samples", "max_eval_samples", "backbone_layers")
+    MODEL_OPTIONS = ("max_length", "max_train_samples", "max_eval_samples", "backbone_layers", "categories")
 
     def __init__(self):
         self._data = None
 
     @staticmethod
     def _examples(split: str, names: list[str] | None):
+        """``names``: the categories kept, in label order (None: all 45)."""
         import re
 
         from recipes.offline_assets import load_wordnet_instructions
 
         ds = load_wordnet_instructions(split)
         names = names or sorted(set(ds["category"]))
+        unknown = set(names) - set(ds["category"])
+        if unknown:
+            raise SystemExit(f"lm-cls categories: {sorted(unknown)} are not WordNet lexicographer categories")
         index = {n: i for i, n in enumerate(names)}
+        ds = ds.filter(lambda r: r["category"] in index)
 
         def row(r):
             word = re.search(r'"(.*)"', r["instruction"]).group(1)
@@ -348,7 +377,8 @@ class LmClassificationTask:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if self._data is None:  # one fixed data subset for every run: only the federation varies
-            train, names = self._examples("train", None)
+            wanted = extra.get("categories")
+            train, names = self._examples("train", wanted.split(",") if wanted else None)
             evals, _ = self._examples("eval", names)
             if extra.get("max_train_samples"):
                 train = train.shuffle(seed=0).select(range(min(int(extra["max_train_samples"]), len(train))))
@@ -367,7 +397,7 @@ class LmClassificationTask:
         layers = int(extra.get("backbone_layers", 30))  # the first k pretrained decoder layers of 30
         model = LlamaForSequenceClassification.from_pretrained(path, num_labels=len(names), num_hidden_layers=layers)
         model.config.pad_token_id = tokenizer.pad_token_id
-        info = {"data": f"WordNet gloss -> {len(names)} lexicographer categories", "train": len(train),
+        info = {"data": f"WordNet word + gloss -> {len(names)} lexicographer categories", "train": len(train),
                 "eval": len(evals), "model": f"SmolLM2-135M-Instruct (first {layers} of 30 decoder layers) "
                                              "+ new classification head"}
         return dict(model=model, args=args, fed_args=fed_args, train_dataset=train, eval_dataset=evals,
@@ -625,7 +655,8 @@ def main(argv: list[str] | None = None) -> dict:
         if a.quick:
             configs = dict(list(configs.items())[:2])
     else:
-        names = a.strategies.split(",") if a.strategies else (QUICK["strategies"] if a.quick else STRATEGIES)
+        names = (a.strategies.split(",") if a.strategies
+                 else QUICK["strategies"] if a.quick else spec.get("strategies", STRATEGIES))
         unknown = set(names) - set(available_strategies())
         if unknown:
             raise SystemExit(f"--strategies: unknown {sorted(unknown)}; available: {available_strategies()}")
