@@ -435,7 +435,12 @@ def run_one(task, options: dict, seed: int) -> dict:
         wall = time.perf_counter() - t0
     history = trainer.round_history
     keep = ("round", "eval_loss", "eval_accuracy", "train_loss", "zeta", "rm_kept_median")
-    rounds = [{k: r[k] for k in keep if k in r} for r in history if "eval_loss" in r]
+    rounds, trained_s = [], 0.0
+    for r in history:
+        # wall time of the rounds so far without their evaluations: local training, starts, server merge
+        trained_s += r.get("round_time_s", 0.0) - r.get("eval_time_s", 0.0)
+        if "eval_loss" in r:
+            rounds.append({**{k: r[k] for k in keep if k in r}, "train_wall_s": trained_s})
     return {
         "rounds": rounds,
         "client_traces": recorder.traces,
@@ -483,6 +488,13 @@ def rounds_to_reach(series: list[dict], metric: str, target: float) -> int | Non
     return None
 
 
+def seconds_to_reach(series: list[dict], round_reached: int | None) -> float | None:
+    """Training wall time (evaluations left out) until the end of ``round_reached``; None if not recorded."""
+    if round_reached is None:
+        return None
+    return next((r.get("train_wall_s") for r in series if r["round"] == round_reached), None)
+
+
 def summarize(runs: list[dict], metric: str) -> dict:
     """Per partition and strategy/variant: mean +- std over seeds of every run figure, and rounds to FedIT."""
     summary: dict = {}
@@ -503,6 +515,8 @@ def summarize(runs: list[dict], metric: str) -> dict:
             row["rounds_to_reference"] = {"per_seed": reached, "target": target,
                                           "mean_of_reached": _mean_std([x for x in reached if x is not None])[0],
                                           "reached": sum(x is not None for x in reached), "of": len(reached)}
+            seconds = [seconds_to_reach(r["rounds"], k) for r, k in zip(group, reached)]
+            row["train_s_to_reference"] = _mean_std([s for s in seconds if s is not None])[0]
             row["wall_s_mean"] = statistics.fmean(r["wall_s"] for r in group)
             rows[name] = row
         out[partition] = {"reference": REFERENCE if REFERENCE in by_name else next(iter(by_name)),
@@ -539,15 +553,18 @@ def format_markdown(summary: dict, metric: str) -> str:
     for partition, block in summary.items():
         lines += [f"**{partition}** (reference: {block['reference']}, final {fmt(block['reference_final'])})", "",
                   f"| strategy | seeds | {label} | mean of the last quarter of rounds | rounds to reference (reached) "
-                  f"| mean abs eval-loss change, t>=2 |"
+                  f"| training s to reference | mean abs eval-loss change, t>=2 |"
                   + (" accuracy drops |" if acc else "") + " client loss jump (signed / abs) | s per run |",
-                  "|---|---|---|---|---|---|" + ("---|" if acc else "") + "---|---|"]
+                  "|---|---|---|---|---|---|---|" + ("---|" if acc else "") + "---|---|"]
         for name, row in block["rows"].items():
             rr = row["rounds_to_reference"]
             reach = f"{rr['mean_of_reached']:.1f} ({rr['reached']}/{rr['of']})" if rr["reached"] else f"never (0/{rr['of']})"
             drops = f" {row['accuracy_drops']['mean']:.1f} |" if acc else ""
+            to_ref = row.get("train_s_to_reference", float("nan"))
+            to_ref = f"{to_ref:.0f}" if math.isfinite(to_ref) else "—"
             lines.append(f"| {name} | {len(row['seeds'])} | {fmt(row['final']['mean'])} ± {fmt(row['final']['std'])} "
-                         f"| {fmt(row['last_quarter']['mean'])} ± {fmt(row['last_quarter']['std'])} | {reach} | {row['eval_loss_mean_abs_change']['mean']:.4f} |{drops} "
+                         f"| {fmt(row['last_quarter']['mean'])} ± {fmt(row['last_quarter']['std'])} | {reach} | {to_ref} "
+                         f"| {row['eval_loss_mean_abs_change']['mean']:.4f} |{drops} "
                          f"{row['client_loss_jump_mean']['mean']:+.3f} / {row['client_loss_jump_mean_abs']['mean']:.3f} "
                          f"| {row['wall_s_mean']:.0f} |")
         lines.append("")

@@ -252,7 +252,9 @@ class RoundEngine:
         }
         record.update(t.strategy.round_metrics({c: ok[c]["strategy_metrics"] for c in uploads}))
         if self.control.should_evaluate:
+            t_eval = time.perf_counter()
             record.update(self._evaluate(number))
+            record["eval_time_s"] = time.perf_counter() - t_eval  # so a run's training time can leave it out
         record["round_time_s"] = time.perf_counter() - t0
         t.round_history.append(record)
         t.log({"train_loss": record["train_loss"], "merge_norm": record["merge_norm"]})

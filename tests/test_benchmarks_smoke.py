@@ -109,6 +109,9 @@ def test_convergence_tiny_two_strategies(tmp_path):
         assert all(0 <= p["eval_accuracy"] <= 1 and p["eval_loss"] > 0 for p in run["rounds"])
         # logging_steps=1: one loss per local step, for every client in every round (4 clients x 2 rounds)
         assert len(run["client_traces"]) == 8 and all(len(t["losses"]) == 3 for t in run["client_traces"])
+        # training wall time per round: 0 before round 1, then growing, and below the run's wall time
+        seconds = [p["train_wall_s"] for p in run["rounds"]]
+        assert seconds[0] == 0 and 0 < seconds[1] < seconds[2] < run["wall_s"]
     rows = result["summary"]["dirichlet0.5"]["rows"]
     assert set(rows) == {"fedit", "fedsmoothlora"}
     assert result["summary"]["dirichlet0.5"]["reference"] == "fedit"
@@ -118,8 +121,9 @@ def test_convergence_tiny_two_strategies(tmp_path):
 
 
 def test_convergence_lm_classification_on_the_pretrained_backbone(tmp_path):
-    """The lm-cls task end to end at seconds' size: SmolLM2-135M, a new 45-way head, Dirichlet clients."""
+    """The lm-cls task end to end at seconds' size: SmolLM2-135M, a new 10-way head, Dirichlet clients."""
     from benchmarks import convergence
+    from recipes.offline_assets import load_wordnet_instructions
 
     convergence.main(["--task", "lm-cls", "--strategies", "fedit,fedsmoothlora", "--partitions", "dirichlet0.1",
                       "--seeds", "1", "--rounds", "2", "--set", "num_clients=3", "--set", "local_steps=1",
@@ -128,7 +132,9 @@ def test_convergence_lm_classification_on_the_pretrained_backbone(tmp_path):
                       "--out-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "convergence_lm-cls.json").read_text())
     assert [r["name"] for r in saved["runs"]] == ["fedit", "fedsmoothlora"]
-    assert saved["runs"][0]["task_info"]["data"] == "WordNet gloss -> 45 lexicographer categories"
+    assert saved["runs"][0]["task_info"]["data"] == "WordNet word + gloss -> 10 lexicographer categories"
+    assert saved["runs"][0]["task_info"]["train"] == sum(  # exactly the glosses of the ten categories
+        c in convergence.LM_CLS_CATEGORIES for c in load_wordnet_instructions("train")["category"])
     for run in saved["runs"]:
         assert [p["round"] for p in run["rounds"]] == [0, 1, 2]
         assert all(0 <= p["eval_accuracy"] <= 1 and p["eval_loss"] > 0 for p in run["rounds"])
@@ -138,7 +144,7 @@ def test_convergence_lm_classification_on_the_pretrained_backbone(tmp_path):
 
 
 def test_client_loss_jump_and_rounds_to_reach():
-    from benchmarks.convergence import client_loss_jumps, rounds_to_reach
+    from benchmarks.convergence import client_loss_jumps, rounds_to_reach, seconds_to_reach
 
     traces = [{"round": 2, "client": 0, "losses": [1.5, 1.0]},
               {"round": 1, "client": 0, "losses": [2.0, 1.2]},
@@ -149,5 +155,7 @@ def test_client_loss_jump_and_rounds_to_reach():
     series = [{"round": 0, "eval_accuracy": 0.1, "eval_loss": 2.0}, {"round": 1, "eval_accuracy": 0.5, "eval_loss": 1.0},
               {"round": 2, "eval_accuracy": 0.7, "eval_loss": 0.8}]
     assert rounds_to_reach(series, "eval_accuracy", 0.6) == 2
+    timed = [{**r, "train_wall_s": 10.0 * r["round"]} for r in series]
+    assert seconds_to_reach(timed, 2) == 20.0 and seconds_to_reach(timed, None) is None
     assert rounds_to_reach(series, "eval_loss", 1.0) == 1
     assert rounds_to_reach(series, "eval_accuracy", 0.9) is None
