@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,8 +48,8 @@ import torch  # noqa: E402
 
 from benchmarks.overhead import PeakRSS, build_data, lora_model, training_args  # noqa: E402
 from fedsmooth_hf import FederatedArguments, FederatedTrainer  # noqa: E402
-from fedsmooth_hf.gradients import estimate_gradient_subspaces  # noqa: E402
 from fedsmooth_hf.adapter import clear_offsets, get_lora_factors, lora_layers, set_offsets  # noqa: E402
+from fedsmooth_hf.gradients import estimate_gradient_subspaces  # noqa: E402
 from fedsmooth_hf.sketch import DenseGradient, SketchedGradient, TestMatrices, sketch_sizes  # noqa: E402
 from fedsmooth_hf.strategies import get_strategy  # noqa: E402
 
@@ -199,10 +200,10 @@ def model_part(kind: str, rank: int, ga_samples: int, batch: int, seq_len: int, 
     for _ in range(repeats):
         for name in ("plain_fwd_bwd", "sketch", "dense"):
             if name == "plain_fwd_bwd":
-                _, sec, peak = _measured(lambda: _plain_fwd_bwd(model, batches))
+                _, sec, peak = _measured(partial(_plain_fwd_bwd, model, batches))
             else:
                 estimates.pop(name, None)
-                (est, part), sec, peak = _measured(lambda: _ga_start(model, layers, batches, strategies[name]))
+                (est, part), sec, peak = _measured(partial(_ga_start, model, layers, batches, strategies[name]))
                 parts[name].append(part)
                 estimates[name] = est
             times[name].append(sec)

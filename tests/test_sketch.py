@@ -234,5 +234,5 @@ def test_client_start_from_sketches_matches_the_dense_start():
         kk = G.shape[0] ** 0.25 / 8.0
         U_s, V_s = -B_s / kk, A_s.T / kk  # offsets are (-B_ga, A_ga)
         U_t, V_t = -B_t / kk, A_t.T / kk
-        energy = lambda U, V: float((U.T @ G).norm() ** 2 + (G @ V).norm() ** 2)  # noqa: E731
+        energy = lambda U, V, G=G: float((U.T @ G).norm() ** 2 + (G @ V).norm() ** 2)  # noqa: E731
         assert energy(U_s, V_s) >= 0.95 * energy(U_t, V_t)
