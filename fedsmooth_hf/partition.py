@@ -283,12 +283,7 @@ def partition_summary(client_datasets: Sequence[Any], label_column: str | None =
     """
     sizes = [len(client) for client in client_datasets]
     total = sum(sizes)
-    label_counts: list[Counter | None] = []
-    for client in client_datasets:
-        if label_column is not None and _is_hf_dataset(client) and label_column in client.column_names:
-            label_counts.append(Counter(list(client.with_format(None)[label_column])))
-        else:
-            label_counts.append(None)
+    label_counts = [_column_counts(client, label_column, "partition_summary") for client in client_datasets]
     show_labels = any(counts is not None for counts in label_counts)
 
     header = ["client", "size", "share"]
@@ -358,19 +353,15 @@ def resolve_client_datasets(train_dataset, client_datasets: Sequence | None, fed
 _MAX_PLOTTED_VALUES = 20
 
 
-def _client_counts(client_datasets: Sequence[Any], column: str | None) -> list[Counter]:
-    """Per client, how often each value of ``column`` occurs (the whole client as one value without a column)."""
-    counts = []
-    for client in client_datasets:
-        if column is not None and _is_hf_dataset(client) and column in client.column_names:
-            values = list(client.with_format(None)[column])
-            if values and not isinstance(values[0], Hashable):
-                raise ValueError(f"plot_partition: column {column!r} holds {type(values[0]).__name__} values, not "
-                                 "labels or categories")
-            counts.append(Counter(values))
-        else:
-            counts.append(Counter({"all": len(client)}))
-    return counts
+def _column_counts(client: Any, column: str | None, caller: str) -> Counter | None:
+    """How often each value of ``column`` occurs in one client; None when the client has no such column."""
+    if column is None or not _is_hf_dataset(client) or column not in client.column_names:
+        return None
+    values = list(client.with_format(None)[column])
+    if values and not isinstance(values[0], Hashable):
+        raise ValueError(f"{caller}: column {column!r} holds {type(values[0]).__name__} values, not labels or "
+                         "categories")
+    return Counter(values)
 
 
 def plot_partition(client_datasets: Sequence[Any], column: str | None = "label", path: Any = None,
@@ -389,7 +380,8 @@ def plot_partition(client_datasets: Sequence[Any], column: str | None = "label",
         import matplotlib.pyplot as plt
     except ImportError as error:
         raise ImportError("plot_partition needs matplotlib: pip install matplotlib") from error
-    counts = _client_counts(client_datasets, column)
+    counts = [_column_counts(client, column, "plot_partition") for client in client_datasets]
+    counts = [Counter({"all": len(client)}) if c is None else c for c, client in zip(counts, client_datasets)]
     overall: Counter = Counter()
     for c in counts:
         overall.update(c)
