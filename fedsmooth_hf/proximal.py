@@ -12,7 +12,6 @@ Gradient-Aligned, Round-Matched factors).
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 from torch import nn
@@ -36,14 +35,11 @@ class ProximalTerm:
         return 0.5 * self.mu * total
 
 
-def proximal_term_factory(mu: float, zero3: bool):
-    """What builds a round's :class:`ProximalTerm` from the model (``None`` when ``mu == 0``: FedProx off)."""
-    if mu == 0:
-        return None
-    if zero3:
+def check_proximal_supported(mu: float, zero3: bool) -> None:
+    """FedProx needs whole parameters on every rank: refused under ZeRO-3, said before any training."""
+    if mu > 0 and zero3:
         raise ValueError("FederatedArguments.prox_mu > 0 is not supported under ZeRO-3: the proximal term needs "
                          "whole parameters on every rank; use ZeRO-2 or no DeepSpeed")
-    return functools.partial(ProximalTerm, mu=mu)
 
 
 @contextlib.contextmanager

@@ -65,7 +65,7 @@ from .local_round import (
 )
 from .merge import first_non_finite, keep_quantized_layers_differentiable, merge_into_base
 from .partition import resolve_client_datasets
-from .proximal import ProximalTerm, proximal_loss, proximal_term_factory, with_proximal_term
+from .proximal import ProximalTerm, check_proximal_supported, proximal_loss, with_proximal_term
 from .rounds import (
     ClientExecutor,
     ClientParallelExecutor,
@@ -122,7 +122,7 @@ class FederatedTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=self.client_datasets[0], eval_dataset=eval_dataset,
                          callbacks=callbacks, **kwargs)
         self._zero3 = is_zero3(self.accelerator)
-        self._proximal = proximal_term_factory(fa.prox_mu, self._zero3)  # FedProx; None when prox_mu == 0
+        check_proximal_supported(fa.prox_mu, self._zero3)
         self.proximal_term: ProximalTerm | None = None  # live during a local round
         if fa.client_parallel:
             ClientParallelExecutor.check(self)
@@ -305,7 +305,7 @@ class FederatedTrainer(Trainer):
             apply_client_start(self.layers, pad_factors(start.lora, self.lora_rank), start.offsets,
                                start.train_A, start.train_B, ADAPTER)
         overhead = time.perf_counter() - t_start
-        proximal = self._proximal and self._proximal(self.model)
+        proximal = ProximalTerm(self.model, self.fed_args.prox_mu) if self.fed_args.prox_mu else None  # FedProx
         self.train_dataset = self.client_dataset(client)
         set_seed(seed)  # data order and dropout of this local round
         t0 = time.perf_counter()
