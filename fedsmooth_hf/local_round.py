@@ -146,9 +146,9 @@ def check_local_result(number: int, client: int, training_loss: float, trained, 
 
     if not math.isfinite(training_loss):
         raise ClientTrainingError(number, client, f"non-finite training loss {training_loss}")
-    bad = first_non_finite({f"{n}/{w}": t for n, pair in trained.items() for w, t in zip("BA", pair)})
+    bad = next((n for n, (B, A) in trained.items() if first_non_finite({"B": B, "A": A}) is not None), None)
     if bad is not None:
-        raise ClientTrainingError(number, client, f"non-finite LoRA factors in '{bad.rsplit('/', 1)[0]}'")
+        raise ClientTrainingError(number, client, f"non-finite LoRA factors in '{bad}'")
     bad = first_non_finite(extras)
     if bad is not None:
         raise ClientTrainingError(number, client, f"non-finite values in '{bad}'")
