@@ -709,6 +709,12 @@ def main(argv: list[str] | None = None) -> dict:
             for name, config in configs.items():
                 if (name, partition, seed) in done or (name, partition) in skip:
                     continue
+                if parent is not None and parent.exists():  # the main sweep may have finished it meanwhile
+                    landed = [r for r in runs_reused_from(parent, options, {partition: part_options},
+                                                          {name: config}, seeds) if r["seed"] == seed]
+                    if landed:
+                        runs += landed
+                        continue
                 run = run_one(task, {**options, **part_options, **config}, seed)
                 run.update(name=name, partition=partition, seed=seed, options=config)
                 runs.append(run)
