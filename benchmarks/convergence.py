@@ -63,6 +63,15 @@ REFERENCE = "fedit"
 LM_CLS_CATEGORIES = ["noun.animal", "noun.plant", "noun.food", "noun.person", "noun.body", "noun.location",
                      "noun.artifact", "noun.time", "verb.motion", "verb.communication"]
 
+# The ablation of both SmolLM2 tasks: FedIT, the defaults, then one part of FedSmoothLoRA changed at a time.
+LM_ABLATION = {
+    "fedit": {"strategy": "fedit"},
+    "fedsmoothlora (defaults: zeta cosine 1->0)": {},
+    "no Round-Matching (zeta=0)": {"zeta": 0.0},
+    "no Gradient-Aligned (ga_init=False)": {"ga_init": False},
+    "zeta constant": {"zeta_mode": "constant"},
+}
+
 # Per-task settings: recipe arguments (override the recipe's own defaults) and sweep sizes.
 TASKS = {
     "vit": {
@@ -139,13 +148,7 @@ TASKS = {
         "seeds": 3,
         "metric": "eval_accuracy",
         "reuses": "lm-cls",
-        "variants": {
-            "fedit": {"strategy": "fedit"},
-            "fedsmoothlora (defaults: zeta cosine 1->0)": {},
-            "no Round-Matching (zeta=0)": {"zeta": 0.0},
-            "no Gradient-Aligned (ga_init=False)": {"ga_init": False},
-            "zeta constant": {"zeta_mode": "constant"},
-        },
+        "variants": LM_ABLATION,
     },
     "nlg": {
         "recipe": {"num_clients": 4, "clients_per_round": 4, "num_rounds": 3, "local_steps": 3,
@@ -173,14 +176,7 @@ TASKS = {
         "seeds": 3,
         "metric": "eval_loss",
         "reuses": "nlg8",
-        "variants": {
-            "fedit": {"strategy": "fedit"},
-            "fedsmoothlora (defaults: zeta cosine 1->0)": {},
-            "no Round-Matching (zeta=0)": {"zeta": 0.0},
-            "no Gradient-Aligned (ga_init=False)": {"ga_init": False},
-            "zeta constant": {"zeta_mode": "constant"},
-            "exact_round_matching": {"exact_round_matching": "true"},
-        },
+        "variants": {**LM_ABLATION, "exact_round_matching": {"exact_round_matching": "true"}},
     },
     "tiny": {
         "recipe": {"num_clients": 4, "clients_per_round": 4, "num_rounds": 2, "local_steps": 3,
