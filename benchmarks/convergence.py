@@ -336,8 +336,9 @@ class LmClassificationTask:
         from recipes.offline_assets import load_wordnet_instructions
 
         ds = load_wordnet_instructions(split)
-        names = names or sorted(set(ds["category"]))
-        unknown = set(names) - set(ds["category"])
+        present = set(ds["category"])
+        names = names or sorted(present)
+        unknown = set(names) - present
         if unknown:
             raise SystemExit(f"lm-cls categories: {sorted(unknown)} are not WordNet lexicographer categories")
         index = {n: i for i, n in enumerate(names)}
@@ -556,7 +557,7 @@ def format_markdown(summary: dict, metric: str) -> str:
             rr = row["rounds_to_reference"]
             reach = f"{rr['mean_of_reached']:.1f} ({rr['reached']}/{rr['of']})" if rr["reached"] else f"never (0/{rr['of']})"
             drops = f" {row['accuracy_drops']['mean']:.1f} |" if acc else ""
-            to_ref = row.get("train_s_to_reference", float("nan"))
+            to_ref = row["train_s_to_reference"]
             to_ref = f"{to_ref:.0f}" if math.isfinite(to_ref) else "—"
             lines.append(f"| {name} | {len(row['seeds'])} | {fmt(row['final']['mean'])} ± {fmt(row['final']['std'])} "
                          f"| {fmt(row['last_quarter']['mean'])} ± {fmt(row['last_quarter']['std'])} | {reach} | {to_ref} "
