@@ -30,11 +30,12 @@ import torch  # noqa: E402
 from conftest import make_counting_dataset, make_tiny_llama  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
-import fedsmooth_hf.checkpoint as checkpoint_module  # noqa: E402
-import fedsmooth_hf.trainer as trainer_module  # noqa: E402
+import fedsmooth_hf.persistence.checkpoint as checkpoint_module  # noqa: E402
+import fedsmooth_hf.trainer.trainer as trainer_module  # noqa: E402
+import fedsmooth_hf.engine.local_round as local_round_module  # noqa: E402
 from fedsmooth_hf import FederatedArguments, FederatedTrainer  # noqa: E402
-from fedsmooth_hf.callbacks import FederatedCallback  # noqa: E402
-from fedsmooth_hf.checkpoint import latest_checkpoint  # noqa: E402
+from fedsmooth_hf.engine.callbacks import FederatedCallback  # noqa: E402
+from fedsmooth_hf.persistence.checkpoint import latest_checkpoint  # noqa: E402
 
 KILL_ROUND = 2  # 1-based round in which every kill point (but one) fires
 KILL_POINTS = (
@@ -69,14 +70,14 @@ def install_kill_point(trainer: FederatedTrainer, point: str, marker: Path) -> N
     second_client = trainer.sample_clients(KILL_ROUND - 1)[1]
 
     if point == "gradient_estimation":
-        inner = trainer_module.estimate_gradient_subspaces
+        inner = local_round_module.estimate_gradient_subspaces
 
         def estimate(*args, **kwargs):
             if trainer.round_context == (KILL_ROUND, second_client):
                 die()
             return inner(*args, **kwargs)
 
-        trainer_module.estimate_gradient_subspaces = estimate
+        local_round_module.estimate_gradient_subspaces = estimate
     elif point == "client_training":
 
         class KillInLocalLoop(TrainerCallback):

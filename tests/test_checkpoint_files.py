@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from support.trainers import tiny_trainer
 
-from fedsmooth_hf.checkpoint import (
+from fedsmooth_hf.persistence.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
     STRATEGY_FILE,
@@ -222,7 +222,7 @@ def test_latest_checkpoint_skips_temporaries_and_incomplete_dirs_and_save_cleans
 
 def test_residuals_of_quantized_layers_are_checked_by_shape_and_pairing(tmp_path):
     """A 4-bit layer's merged update is saved as residual/<layer>/{B,A}: any rank, but paired and fitting."""
-    from fedsmooth_hf.checkpoint import check_model_tensors
+    from fedsmooth_hf.persistence.checkpoint import check_model_tensors
 
     shapes = {"q": (32, 16)}
     check_model_tensors(tmp_path, {"residual/q/B": torch.ones(32, 3), "residual/q/A": torch.ones(3, 16)}, {}, shapes)

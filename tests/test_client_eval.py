@@ -9,7 +9,7 @@ from conftest import make_counting_dataset, make_tiny_llama
 from transformers import TrainingArguments
 
 from fedsmooth_hf import FederatedArguments, FederatedTrainer
-from fedsmooth_hf.client_eval import held_out_indices, summarize_client_metrics
+from fedsmooth_hf.engine.client_eval import held_out_indices, summarize_client_metrics
 
 
 def test_held_out_indices_cover_the_client_once_and_depend_on_seed_and_client_only():

@@ -14,7 +14,7 @@ from conftest import make_counting_dataset
 from support.trainers import tiny_trainer
 from transformers import TrainerCallback
 
-from fedsmooth_hf.adapter import lora_scaling
+from fedsmooth_hf.model.adapter import lora_scaling
 from fedsmooth_hf.trainer import ClientTrainingError
 
 SIZES = (16, 24, 32, 40)

@@ -8,7 +8,7 @@ from conftest import make_counting_dataset, make_tiny_llama
 from transformers import TrainingArguments
 
 from fedsmooth_hf import FederatedArguments, FederatedTrainer
-from fedsmooth_hf.client_rank import resolve_client_ranks
+from fedsmooth_hf.model.client_rank import resolve_client_ranks
 from fedsmooth_hf.strategies import available_strategies, get_strategy
 
 D_OUT, D_IN, R = 12, 10, 8
@@ -77,8 +77,8 @@ def test_client_starts_are_cut_to_the_client_rank():
 def test_rank_patterns_and_their_errors():
     assert resolve_client_ranks([2, 4], 5, 8) == [2, 4, 2, 4, 2]
     assert resolve_client_ranks([], 3, 8) == [8, 8, 8]
-    with pytest.raises(ValueError, match=r"\[1, lora_r=8\]"):
-        resolve_client_ranks([2, 16], 4, 8)
+    with pytest.raises(ValueError, match=r"\[1, lora_r=8\], got \[16\]"):
+        get_strategy("fedit", rank=8).set_client_ranks(resolve_client_ranks([2, 16], 4, 8))
     with pytest.raises(ValueError, match="client_ranks"):
         FederatedArguments(lora_r=4, client_ranks=[8])
 
@@ -94,7 +94,7 @@ def test_mixed_rank_run_uploads_by_rank_and_learns(tmp_path, strategy):
     trainer.train()
     assert trainer.round_history[-1]["eval_loss"] < trainer.round_history[0]["eval_loss"]
     trainer.strategy.begin_round(2)
-    small, full = (trainer.train_client_round(2, c)["upload"] for c in (0, 1))
+    small, full = (trainer.train_client_round(2, c).upload for c in (0, 1))
     for name in small:
         (Bs, As), (Bf, Af) = small[name], full[name]
         assert Bs.shape[1] == As.shape[0] == 2 and Bf.shape[1] == 8

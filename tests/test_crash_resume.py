@@ -20,7 +20,7 @@ import torch
 from crash_child import KILL_POINTS, KILL_ROUND
 from safetensors.torch import load_file
 
-from fedsmooth_hf.checkpoint import MODEL_FILE, STATE_FILE, STRATEGY_FILE
+from fedsmooth_hf.persistence.checkpoint import MODEL_FILE, STATE_FILE, STRATEGY_FILE
 
 NUM_ROUNDS = 3
 HERE = Path(__file__).resolve().parent

@@ -8,7 +8,7 @@ from conftest import make_counting_dataset, make_tiny_llama
 from transformers import TrainerCallback, TrainingArguments
 
 from fedsmooth_hf import FederatedArguments, FederatedTrainer
-from fedsmooth_hf.proximal import ProximalTerm
+from fedsmooth_hf.model.proximal import ProximalTerm
 
 
 def test_gradient_of_the_term_is_mu_times_the_displacement():
@@ -46,7 +46,7 @@ def _trainer(tmp_path, batch=8, accumulation=1, **fed):
 
 
 def _upload(trainer):
-    return trainer.train_client_round(0, 0)["upload"]
+    return trainer.train_client_round(0, 0).upload
 
 
 def test_mu_zero_is_todays_run(tmp_path):

@@ -2,8 +2,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from fedsmooth_hf.adapter import lora_layers
-from fedsmooth_hf.gradients import estimate_weight_gradients
+from fedsmooth_hf.model.adapter import lora_layers
+from fedsmooth_hf.model.gradients import estimate_weight_gradients
 
 
 def _llama_batches(n=3, seed=0):

@@ -5,8 +5,8 @@ from conftest import make_counting_dataset, make_tiny_llama
 from peft import LoraConfig, get_peft_model
 from support.trainers import tiny_trainer
 
-from fedsmooth_hf.adapter import lora_layers, lora_scaling
-from fedsmooth_hf.merge import base_residual, dense_base_weight, keeps_residual, merge_into_base
+from fedsmooth_hf.model.adapter import lora_layers, lora_scaling
+from fedsmooth_hf.model.merge import base_residual, dense_base_weight, keeps_residual, merge_into_base
 
 
 def _retained(change, update):

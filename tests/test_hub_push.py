@@ -13,7 +13,7 @@ from fake_hub import fake_hub
 from transformers import LlamaForCausalLM, TrainingArguments
 
 from fedsmooth_hf import FederatedArguments, FederatedTrainer
-from fedsmooth_hf.hub import model_card, push_folder_to_hub
+from fedsmooth_hf.persistence.hub import model_card, push_folder_to_hub
 
 # a GET the client may make on its own (agent detection for its user agent); the fake answers 404
 _TOLERATED_UNHANDLED = {("GET", "/api/agent-harnesses")}

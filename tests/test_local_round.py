@@ -7,8 +7,8 @@ from conftest import make_counting_dataset, make_tiny_llama
 from transformers import TrainingArguments
 
 from fedsmooth_hf import FederatedArguments, FederatedTrainer
-from fedsmooth_hf.callbacks import FederatedProgressCallback, RoundPrinterCallback
-from fedsmooth_hf.local_round import FEDERATED_EQUIVALENTS
+from fedsmooth_hf.engine.callbacks import FederatedProgressCallback, RoundPrinterCallback
+from fedsmooth_hf.engine.local_round import FEDERATED_EQUIVALENTS
 
 FED = dict(strategy="fedit", num_clients=2, num_rounds=2, local_steps=2, lora_r=2, lora_alpha=4)
 
@@ -23,7 +23,7 @@ def _trainer(tmp_path, callbacks=None, **args):
 
 
 def _warnings(caplog):
-    return [r for r in caplog.records if r.name == "fedsmooth_hf.local_round" and r.levelno == logging.WARNING]
+    return [r for r in caplog.records if r.name == "fedsmooth_hf.engine.local_round" and r.levelno == logging.WARNING]
 
 
 def test_overridden_arguments_give_one_warning_naming_each_field_and_its_equivalent(tmp_path, caplog):
@@ -38,7 +38,7 @@ def test_overridden_arguments_give_one_warning_naming_each_field_and_its_equival
     for flag in ("--local_steps", "--num_rounds", "--save_rounds", "--eval_rounds"):
         assert flag in message
     assert "2 rounds x 2 clients x 2 local steps = 8 optimizer steps" in message
-    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "fedsmooth_hf.local_round"]
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "fedsmooth_hf.engine.local_round"]
     assert len(info) == 1 and "max_steps=local_steps=2" in info[0]
 
     caplog.clear()

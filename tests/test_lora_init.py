@@ -4,15 +4,15 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from fedsmooth_hf.adapter import (
+from fedsmooth_hf.model.adapter import (
     apply_client_start,
     clear_offsets,
     get_lora_factors,
     lora_layers,
     lora_scaling,
 )
-from fedsmooth_hf.gradient_aligned import client_init_factors, gradient_aligned_factors
-from fedsmooth_hf.merge import dense_base_weight
+from fedsmooth_hf.math.gradient_aligned import client_init_factors, gradient_aligned_factors
+from fedsmooth_hf.model.merge import dense_base_weight
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

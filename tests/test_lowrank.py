@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedsmooth_hf.lowrank import dense_top_svd, factored_norm, stack_factors, truncated_svd
+from fedsmooth_hf.math.lowrank import dense_top_svd, factored_norm, stack_factors, truncated_svd
 
 
 def _random_factors(gen, d_out, d_in, ranks):

@@ -1,4 +1,4 @@
-"""Property tests of fedsmooth_hf.lowrank against a dense float64 ``torch.linalg.svd`` reference.
+"""Property tests of fedsmooth_hf.math.lowrank against a dense float64 ``torch.linalg.svd`` reference.
 
 Shapes, per-pair ranks, weights (negative and zero included) and target ranks are
 drawn by Hypothesis; the factored results must match what the dense matrix says.
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsmooth_hf.lowrank import dense_top_svd, factored_norm, stack_factors, truncated_svd
+from fedsmooth_hf.math.lowrank import dense_top_svd, factored_norm, stack_factors, truncated_svd
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 FEW = settings(max_examples=20, deadline=None, derandomize=True)

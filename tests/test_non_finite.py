@@ -11,9 +11,9 @@ import torch
 from conftest import make_counting_dataset
 from support.trainers import tiny_trainer
 
-import fedsmooth_hf.trainer as trainer_module
-from fedsmooth_hf.callbacks import FederatedCallback
-from fedsmooth_hf.merge import merge_into_base
+import fedsmooth_hf.trainer.trainer as trainer_module
+from fedsmooth_hf.engine.callbacks import FederatedCallback
+from fedsmooth_hf.model.merge import merge_into_base
 from fedsmooth_hf.trainer import ClientTrainingError
 
 HOOKED_LAYER = "model.layers.0.self_attn.q_proj"

@@ -11,7 +11,7 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from fedsmooth_hf.partition import (
+from fedsmooth_hf.data.partition import (
     PARTITION_METHODS,
     partition_dataset,
     partition_indices,

@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 
-from fedsmooth_hf.partition import partition_dataset, plot_partition
+from fedsmooth_hf.data.partition import partition_dataset, plot_partition
 
 
 def _bars_by_client(fig) -> dict[float, float]:

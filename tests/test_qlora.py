@@ -7,9 +7,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments
 
 from fedsmooth_hf import FederatedArguments, FederatedTrainer
-from fedsmooth_hf.adapter import lora_layers, lora_scaling
-from fedsmooth_hf.gradients import estimate_weight_gradients
-from fedsmooth_hf.merge import base_residual, dense_base_weight, keep_quantized_layers_differentiable
+from fedsmooth_hf.model.adapter import lora_layers, lora_scaling
+from fedsmooth_hf.model.gradients import estimate_weight_gradients
+from fedsmooth_hf.model.merge import base_residual, dense_base_weight, keep_quantized_layers_differentiable
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

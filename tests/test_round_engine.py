@@ -9,7 +9,7 @@ import pytest
 from conftest import make_tiny_llama
 from flower_task import build_trainer
 
-from fedsmooth_hf.callbacks import FederatedCallback
+from fedsmooth_hf.engine.callbacks import FederatedCallback
 
 TESTS = Path(__file__).resolve().parent
 #: what only a Flower round records: the bytes on the wire

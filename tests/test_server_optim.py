@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsmooth_hf.server_optim import SERVER_OPTIMIZERS, ServerOptimizer
+from fedsmooth_hf.math.server_optim import SERVER_OPTIMIZERS, ServerOptimizer
 from fedsmooth_hf.strategies import get_strategy
 from fedsmooth_hf.strategies.base import ServerUpdate
 

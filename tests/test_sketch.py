@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from fedsmooth_hf.gradient_aligned import gradient_aligned_factors
-from fedsmooth_hf.gradients import estimate_gradient_subspaces, estimate_weight_gradients
-from fedsmooth_hf.sketch import DenseGradient, SketchedGradient, TestMatrices, sketch_sizes
+from fedsmooth_hf.math.gradient_aligned import gradient_aligned_factors
+from fedsmooth_hf.model.gradients import estimate_gradient_subspaces, estimate_weight_gradients
+from fedsmooth_hf.math.sketch import DenseGradient, SketchedGradient, TestMatrices, sketch_sizes
 
 R = 4  # LoRA rank: the GA start wants q = 2r directions
 Q = 2 * R
@@ -194,15 +194,16 @@ def test_unknown_estimator_and_missing_rank_are_rejected():
 
 # --------------------------------------------------------------------------- the option, through the strategy
 def test_ga_estimator_option_is_validated_and_reaches_the_strategy():
-    from fedsmooth_hf import FederatedArguments
+    from fedsmooth_hf import FedSmoothLoRAConfig
     from fedsmooth_hf.strategies import get_strategy
     from fedsmooth_hf.strategies.registry import strategy_from_options
 
-    with pytest.raises(ValueError, match="FederatedArguments.ga_estimator='svd'"):
-        FederatedArguments(ga_estimator="svd")
-    with pytest.raises(ValueError, match="ga_estimator must be one of"):
+    with pytest.raises(ValueError, match="FedSmoothLoRAConfig.ga_estimator='svd'"):
+        FedSmoothLoRAConfig(ga_estimator="svd")
+    with pytest.raises(ValueError, match="ga_estimator='exact': must be one of"):
         get_strategy("fedsmoothlora", rank=2, ga_estimator="exact")
-    strat = strategy_from_options("fedsmoothlora", FederatedArguments(ga_estimator="dense", lora_r=3).strategy_options())
+    strat = strategy_from_options("fedsmoothlora", {"rank": 3, "config": FedSmoothLoRAConfig(ga_estimator="dense")})
+    from fedsmooth_hf import FederatedArguments
     assert strat.gradient_request() == {"rank": 6, "estimator": "dense"}
     assert strategy_from_options("fedsmoothlora", FederatedArguments().strategy_options()).gradient_request() == {
         "rank": 2 * FederatedArguments().lora_r, "estimator": "sketch"}

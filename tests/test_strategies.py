@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fedsmooth_hf.gradient_aligned import gradient_aligned_factors
+from fedsmooth_hf.math.gradient_aligned import gradient_aligned_factors
 from fedsmooth_hf.strategies import available_strategies, get_strategy, strategy_from_options, zeta_schedule
 
 SHAPES = {"layer.a": (12, 20), "layer.b": (16, 10)}
@@ -210,22 +210,25 @@ def test_fedsmoothlora_without_gradient_aligned_init_is_round_matching_only():
 
 
 def test_options_are_the_strategys_own():
-    """The strategy validates its options; FederatedArguments names the argument and reads needs_gradient
-    from the instance (ga_init=False estimates no gradient, so ga_samples=0 is fine)."""
-    from fedsmooth_hf import FederatedArguments
-    from fedsmooth_hf.hub import model_card
+    """The method's config validates its options and names the field (ga_init=False estimates no gradient,
+    so ga_samples=0 is fine); the deprecated FederatedArguments keywords reach the same check."""
+    from fedsmooth_hf import FederatedArguments, FedSmoothLoRAConfig
+    from fedsmooth_hf.persistence.hub import model_card
 
-    assert FederatedArguments(strategy="fedsmoothlora", ga_init=False, ga_samples=0).ga_samples == 0
-    with pytest.raises(ValueError, match="FederatedArguments.ga_samples=0"):
-        FederatedArguments(strategy="fedsmoothlora", ga_samples=0)
-    with pytest.raises(ValueError, match="FederatedArguments.gamma=0"):
+    assert FedSmoothLoRAConfig(ga_init=False, ga_samples=0).ga_samples == 0
+    with pytest.raises(ValueError, match="FedSmoothLoRAConfig.ga_samples=0"):
+        FedSmoothLoRAConfig(ga_samples=0)
+    with pytest.raises(ValueError, match="FedSmoothLoRAConfig.gamma=0"):
+        FedSmoothLoRAConfig(gamma=0)
+    with pytest.warns(FutureWarning, match="FedSmoothLoRAConfig"), pytest.raises(ValueError, match="gamma=0"):
         FederatedArguments(gamma=0)
-    strat = strategy_from_options("fedsmoothlora", {"rank": R, "zeta_mode": "auto", "iid_data": False})
+    strat = strategy_from_options("fedsmoothlora", {"rank": R, "zeta_mode": "auto", "ga_samples": 32,
+                                                    "iid_data": False})
     with pytest.raises(ValueError, match=r"lora_r=3 is too large for layer 'a' \(5x8\): 2 \* lora_r must be <= 5"):
         strat.check_layer_shapes({"a": (5, 8)})
     get_strategy("fedit", rank=R).check_layer_shapes({"a": (5, 8)})  # r <= 5 is all FedIT needs
-    fields = strat.card_fields({"ga_samples": 32})
+    fields = strat.card_fields()
     assert fields["zeta_mode"] == "cosine (zeta_mode=auto)" and fields["ga_samples"] == 32
     card = model_card("", {"strategy": "fedsmoothlora", "num_clients": 2}, fields, [])
     assert "| zeta_mode | cosine (zeta_mode=auto) |" in card and "| num_clients | 2 |" in card
-    assert get_strategy("fedit", rank=R).card_fields({"ga_samples": 32}) == {"strategy": "fedit"}
+    assert get_strategy("fedit", rank=R).card_fields() == {"strategy": "fedit"}

@@ -11,8 +11,9 @@ from support.trainers import federated_args as _fed
 from support.trainers import tiny_trainer, training_args
 
 from fedsmooth_hf import FederatedArguments, FederatedTrainer
-from fedsmooth_hf.adapter import lora_scaling
-from fedsmooth_hf.callbacks import FederatedCallback
+from fedsmooth_hf.engine import local_round
+from fedsmooth_hf.model.adapter import lora_scaling
+from fedsmooth_hf.engine.callbacks import FederatedCallback
 from fedsmooth_hf.strategies import available_strategies
 
 
@@ -218,7 +219,7 @@ def test_skip_policy_drops_the_failing_client(tmp_path):
         assert torch.isfinite(layer.get_base_layer().weight).all()
 
 
-def test_ga_samples_larger_than_a_client_uses_all_its_examples(tmp_path, caplog):
+def test_ga_samples_larger_than_a_client_uses_all_its_examples(tmp_path, caplog, monkeypatch):
     sizes = [12, 40]
     clients = [make_counting_dataset(n, seed=i) for i, n in enumerate(sizes)]
     fed = _fed(strategy="fedsmoothlora", num_clients=2, num_rounds=1, local_steps=1, ga_samples=32, ga_batch_size=8)
@@ -226,14 +227,14 @@ def test_ga_samples_larger_than_a_client_uses_all_its_examples(tmp_path, caplog)
         trainer = FederatedTrainer(model=make_tiny_llama(), args=_args(tmp_path), fed_args=fed, client_datasets=clients)
     assert "ga_samples=32 exceeds the size of 1 client(s)" in caplog.text and "client 0: 12" in caplog.text
     seen = {}
-    inner = trainer._calibration_batches
+    inner = local_round.calibration_batches
 
-    def counting(client, seed):
-        for batch in inner(client, seed):
+    def counting(trainer, client, seed):
+        for batch in inner(trainer, client, seed):
             seen[client] = seen.get(client, 0) + batch["input_ids"].shape[0]
             yield batch
 
-    trainer._calibration_batches = counting
+    monkeypatch.setattr(local_round, "calibration_batches", counting)
     trainer.train()
     assert seen == {0: 12, 1: 32}
     assert math.isfinite(trainer.round_history[-1]["train_loss"])
@@ -253,6 +254,6 @@ def test_zeta_mode_auto_follows_the_split(tmp_path, split, expected):
                                    client_datasets=[train.select(range(32)), train.select(range(32, 64))])
     else:
         trainer = _trainer(tmp_path, fed=_fed(**split), train=train)
-    assert trainer.fed_args.zeta_mode == "auto"
+    assert trainer.strategy.config.zeta_mode == "auto"
     assert trainer.strategy.zeta_mode == expected
     assert trainer.strategy.describe()["zeta_mode"] == expected

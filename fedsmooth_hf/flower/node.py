@@ -44,7 +44,7 @@ def base_weight_sum(trainer) -> float:
     """A cheap checksum of the adapted layers' base weights (float64 sum), to show nodes are in step."""
     import torch
 
-    from ..merge import dense_base_weight
+    from ..model.merge import dense_base_weight
 
     with torch.no_grad():
         return float(sum(dense_base_weight(layer).double().sum().item() for layer in trainer.layers.values()))
@@ -149,7 +149,7 @@ class ClientNode:
 
     def evaluate(self) -> dict[str, float]:
         """The global model on this client's held-out split (``client_eval_fraction``): metrics only."""
-        from ..client_eval import evaluate_client
+        from ..engine.client_eval import evaluate_client
 
         held = self.trainer.client_eval_datasets  # set: the fingerprint holds the server's client_eval_fraction > 0
         self.trainer.load_global_adapter()
@@ -203,10 +203,9 @@ class ClientNode:
             metrics["client_eval"] = self.evaluate()
         if config["action"] == "train":
             result = self.trainer.train_client_round(round_idx, self.client)
-            upload = upload_to_arrays(self.trainer.strategy, self.client, result["upload"])
-            upload.update(tensors_to_arrays("extra", result["extras"]))
-            metrics.update({k: result[k] for k in ("num_examples", "train_loss", "train_time_s", "strategy_overhead_s",
-                                                   "first_loss", "strategy_metrics")})
+            upload = upload_to_arrays(self.trainer.strategy, self.client, result.upload)
+            upload.update(tensors_to_arrays("extra", result.extras))
+            metrics.update(result.figures())
         self._persist()
         return metrics, upload
 

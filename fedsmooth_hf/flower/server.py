@@ -2,7 +2,7 @@
 
 The server holds the global model in a :class:`~fedsmooth_hf.FederatedTrainer` (built
 by the same ``build_trainer`` as the clients, with ``partition_id=None``) and runs the
-trainer's own round loop (:mod:`fedsmooth_hf.rounds`) with a :class:`FlowerExecutor`: the
+trainer's own round loop (:mod:`fedsmooth_hf.engine.rounds`) with a :class:`FlowerExecutor`: the
 same client draw, aggregate, merge, records, log lines and callbacks as in-process. The
 executor sends each sampled client the server updates it has not applied yet and
 collects its upload; the clients apply the merged update next time they are contacted. Only factors and small
@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ..client_eval import report_client_metrics
-from ..factor_keys import UPLOAD_PREFIX
-from ..rounds import ClientExecutor, ClientTrainingError
+from ..engine.client_eval import report_client_metrics
+from ..engine.executor import ClientExecutor, ClientTrainingError
+from ..math.factors import UPLOAD_PREFIX
 from .wire import (
     factors_to_arrays,
     raw_bytes,

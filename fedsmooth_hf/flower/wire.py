@@ -17,7 +17,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ..factor_keys import UPLOAD_PREFIX, flatten_factors, unflatten_factors
+from ..engine.result import ClientResult
+from ..math.factors import UPLOAD_PREFIX, flatten_factors, unflatten_factors
 
 __all__ = ["factors_to_arrays", "arrays_to_factors", "tensors_to_arrays", "arrays_to_tensors",
            "update_to_arrays", "arrays_to_update", "upload_to_arrays", "arrays_to_upload", "raw_bytes", "to_arrays",
@@ -106,16 +107,10 @@ def reply_metrics(content: RecordDict) -> dict:
     return {**json.loads(str(content["details"]["json"])), **content["metrics"]}
 
 
-def result_from_reply(strategy, client: int, arrays: Mapping[str, np.ndarray], content: RecordDict) -> dict:
-    """A training reply as the round loop's client result (``FederatedTrainer.train_client_round``'s keys)."""
-    metrics = reply_metrics(content)
-    return {
-        "upload": arrays_to_upload(strategy, client, arrays),
-        "extras": arrays_to_tensors("extra", arrays),
-        "num_examples": int(metrics["num_examples"]),
-        "train_loss": float(metrics["train_loss"]),
-        "train_time_s": float(metrics["train_time_s"]),
-        "strategy_overhead_s": float(metrics["strategy_overhead_s"]),
-        "first_loss": metrics.get("first_loss"),
-        "strategy_metrics": metrics.get("strategy_metrics", {}),
-    }
+def result_from_reply(strategy, client: int, arrays: Mapping[str, np.ndarray], content: RecordDict) -> ClientResult:
+    """A training reply as the round loop's :class:`~fedsmooth_hf.engine.result.ClientResult` (the node sent
+    :meth:`ClientResult.figures` as its metrics)."""
+    figures = {**reply_metrics(content), "client": client}
+    figures["num_examples"] = int(figures["num_examples"])
+    return ClientResult.from_figures(figures, arrays_to_upload(strategy, client, arrays),
+                                     arrays_to_tensors("extra", arrays))

@@ -6,7 +6,7 @@ import pkgutil
 from .base import ClientStart, FederatedStrategy, GlobalAdapterStrategy, ServerUpdate
 from .fedex_lora import FedExLoRA
 from .fedit import FedIT
-from .fedsmoothlora import FedSmoothLoRA, zeta_schedule
+from .fedsmoothlora import FedSmoothLoRA, FedSmoothLoRAConfig, zeta_schedule
 from .ffa_lora import FFALoRA
 from .flexlora import FlexLoRA
 from .frlora import FRLoRA
@@ -18,6 +18,7 @@ __all__ = [
     "GlobalAdapterStrategy",
     "ServerUpdate",
     "FedSmoothLoRA",
+    "FedSmoothLoRAConfig",
     "FedIT",
     "FFALoRA",
     "FedExLoRA",

@@ -26,15 +26,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..factor_keys import UPLOAD_PREFIX, flatten_factors, unflatten_factors
-from ..lowrank import stack_factors
+from ..math.factors import UPLOAD_PREFIX, Factors, ModuleFactors, flatten_factors, unflatten_factors
+from ..math.lowrank import pad_factors, stack_factors, truncate_factors, truncated_svd
 
 __all__ = ["UPLOAD_PREFIX", "StrategyOptionError", "ClientStart", "ServerUpdate", "FederatedStrategy", "GlobalAdapterStrategy", "flatten_factors",
            "unflatten_factors", "normalize_weights", "check_upload", "weighted_factor_mean", "product_sum",
            "truncated_product_mean"]
 
-Factors = tuple[torch.Tensor, torch.Tensor]
-ModuleFactors = dict[str, Factors]
 
 
 class StrategyOptionError(ValueError):
@@ -152,8 +150,6 @@ def truncated_product_mean(
     uploads: Mapping[int, ModuleFactors], weights: Mapping[int, float], rank: int
 ) -> ModuleFactors:
     """``SVD_r(sum_c w_c B_c A_c)`` per module: the full-rank aggregate projected to rank r, exactly."""
-    from ..lowrank import truncated_svd
-
     clients = list(uploads)
     return {
         name: truncated_svd(
@@ -180,6 +176,9 @@ class FederatedStrategy:
     #: what a server optimizer steps (``server_optim``): ``"factors"`` when the global model is an
     #: adapter whose factors are averaged, ``"product"`` when a round moves it by a low-rank product
     server_space: str = "product"
+    #: the dataclass of this algorithm's own options (``None``: none beyond rank and rounds); an
+    #: instance travels in ``FederatedLoraConfig`` (see ``fedsmooth_hf.trainer.lora_config``)
+    config_class: type | None = None
 
     def __init__(self, rank: int, num_rounds: int = 1):
         if rank < 1:
@@ -202,9 +201,9 @@ class FederatedStrategy:
     def set_client_ranks(self, ranks: Mapping[int, int] | Sequence[int]) -> None:
         """Heterogeneous ranks (``client_rank.py``): client ``c`` starts, trains and uploads rank ``ranks[c]``."""
         ranks = ranks if isinstance(ranks, Mapping) else dict(enumerate(ranks))
-        bad = {c: r for c, r in ranks.items() if not 1 <= r <= self.rank}
+        bad = sorted({r for r in ranks.values() if not 1 <= r <= self.rank})
         if bad:
-            raise ValueError(f"client ranks must lie in [1, {self.rank}], got {bad}")
+            raise StrategyOptionError("client_ranks", f"every client rank must lie in [1, lora_r={self.rank}], got {bad}")
         self._client_ranks = {c: int(r) for c, r in ranks.items() if r != self.rank}
 
     def client_rank(self, client: int) -> int:
@@ -213,8 +212,6 @@ class FederatedStrategy:
 
     def _at_client_rank(self, client: int, factors: ModuleFactors) -> ModuleFactors:
         """HetLoRA's truncation: the leading ``client_rank`` components of ``factors``."""
-        from ..client_rank import truncate_factors
-
         k = self.client_rank(client)
         return factors if k == self.rank else truncate_factors(factors, k)
 
@@ -244,6 +241,10 @@ class FederatedStrategy:
         """How :meth:`client_start` wants the gradients estimated (keywords of
         ``gradients.estimate_gradient_subspaces``: ``rank``, ``estimator``)."""
         return {"estimator": "dense"}
+
+    def calibration(self) -> tuple[int, int]:
+        """``(examples, batch size)`` of the client's gradient pass (only when :attr:`needs_gradient`)."""
+        return 0, 1
 
     def client_start(self, client: int, grads: Mapping[str, object] | None = None) -> ClientStart:
         """The client's starting point. ``grads``: per layer, the dense gradient or an estimate
@@ -316,12 +317,8 @@ class FederatedStrategy:
                     f"lora_r must be <= {min(d_out, d_in)}"
                 )
 
-    def card_fields(self, options: Mapping) -> dict:
-        """Rows for the model card: ``strategy`` and the options in force that shape this algorithm.
-
-        ``options``: the run's ``FederatedArguments`` as a dict (options the trainer applies on
-        the strategy's behalf, such as ``ga_samples``, are read from it).
-        """
+    def card_fields(self) -> dict:
+        """Rows for the model card: ``strategy`` and the options in force that shape this algorithm."""
         return {"strategy": self.name}
 
     def summary(self) -> str:
@@ -344,8 +341,6 @@ class GlobalAdapterStrategy(FederatedStrategy):
 
     def _padded(self, uploads: Mapping[int, ModuleFactors]) -> Mapping[int, ModuleFactors]:
         """Uploads of smaller rank zero-padded to ``rank`` (HetLoRA), so factors can be averaged."""
-        from ..client_rank import pad_factors
-
         if all(B.shape[1] == self.rank for up in uploads.values() for B, _ in up.values()):
             return uploads
         return {c: pad_factors(up, self.rank) for c, up in uploads.items()}

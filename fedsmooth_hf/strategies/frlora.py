@@ -8,7 +8,7 @@ rank starts from, and subtracts, the leading components of ``(B_0, A_0)``.)
 
 from __future__ import annotations
 
-from ..lowrank import stack_factors
+from ..math.lowrank import stack_factors
 from .base import ClientStart, FederatedStrategy, ServerUpdate, product_sum
 from .registry import register_strategy
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 from .base import FederatedStrategy
@@ -44,9 +45,11 @@ def get_strategy(name: str, **kwargs: Any) -> FederatedStrategy:
 def strategy_from_options(name: str, options: Mapping[str, Any]) -> FederatedStrategy:
     """Instantiate ``name`` with the entries of ``options`` its constructor accepts.
 
-    Lets one argument set (``FederatedArguments``) configure any strategy: FedIT
-    simply does not take ``gamma``.
+    Lets one argument set configure any strategy: FedIT simply does not take ``gamma``.
     """
     cls = strategy_class(name)
     params = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in options.items() if k in params and k != "self"})
+    accepted = {k for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD}
+    if cls.config_class is not None:  # its options one by one, as FederatedTrainingArguments holds them
+        accepted |= {f.name for f in fields(cls.config_class)}
+    return cls(**{k: v for k, v in options.items() if k in accepted})

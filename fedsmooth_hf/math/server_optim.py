@@ -32,11 +32,12 @@ With ``none`` the aggregate is applied as it is, bit for bit.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
+from .factors import ModuleFactors, flatten_factors, unflatten_factors
 from .lowrank import stack_factors, truncated_svd
-from .strategies.base import ModuleFactors, ServerUpdate, flatten_factors, unflatten_factors
 
 __all__ = ["SERVER_OPTIMIZERS", "ServerOptimizer", "split_optimizer_tensors"]
 
@@ -47,7 +48,7 @@ DEFAULT_LR = {"none": 1.0, "avgm": 1.0, "adam": 1e-2, "yogi": 1e-2, "adagrad": 1
 
 
 class ServerOptimizer:
-    """One of :data:`SERVER_OPTIMIZERS` with its state; :meth:`step` rewrites a :class:`ServerUpdate`."""
+    """One of :data:`SERVER_OPTIMIZERS` with its state; :meth:`step` rewrites a server update (``merge``, ``global_lora``)."""
 
     def __init__(self, name: str = "none", lr: float | None = None, momentum: float = 0.9,
                  betas: tuple[float, float] = (0.9, 0.99), tau: float = 1e-3, rank: int = 8):
@@ -78,7 +79,7 @@ class ServerOptimizer:
                 "d_out x d_in matrix per layer. Use server_optimizer='avgm' (momentum kept in factored form) or a "
                 "strategy that averages factors (fedit, ffa_lora)")
 
-    def step(self, update: ServerUpdate, previous: ModuleFactors | None, space: str) -> ServerUpdate:
+    def step(self, update, previous: ModuleFactors | None, space: str):
         """The update to apply instead of ``update``; ``previous`` is the global adapter before it."""
         if self.name == "none":
             return update
@@ -89,14 +90,14 @@ class ServerOptimizer:
         raise ValueError(f"unknown server space {space!r} (expected 'factors' or 'product')")
 
     # -- factors: element-wise over B and A -------------------------------------------------
-    def _factor_step(self, update: ServerUpdate, previous: ModuleFactors | None) -> ServerUpdate:
+    def _factor_step(self, update, previous: ModuleFactors | None):
         if update.merge or update.global_lora is None or previous is None:
             raise ValueError("a 'factors' server step needs an update that only replaces the global adapter")
         new_global = {}
         for name, pair in update.global_lora.items():
             new_global[name] = tuple(self._element_step(f"{name}/{which}", x, agg)
                                      for which, x, agg in zip("BA", previous[name], pair))
-        return ServerUpdate(merge={}, global_lora=new_global, round=update.round)
+        return replace(update, merge={}, global_lora=new_global)
 
     def _element_step(self, key: str, x: torch.Tensor, aggregate: torch.Tensor) -> torch.Tensor:
         work = torch.promote_types(x.dtype, torch.float32)  # moments of half-precision factors in fp32
@@ -120,7 +121,7 @@ class ServerOptimizer:
         return (x.to(work) + self.lr * m / (v.sqrt() + self.tau)).to(x.dtype)
 
     # -- product: factored momentum ------------------------------------------------------------
-    def _product_step(self, update: ServerUpdate, previous: ModuleFactors) -> ServerUpdate:
+    def _product_step(self, update, previous: ModuleFactors):
         new_global = update.global_lora or {}
         merge = {}
         for name in update.merge.keys() | new_global.keys():
@@ -144,7 +145,7 @@ class ServerOptimizer:
                 out.append((*new_global[name], -1.0))
             Bo, Ao, wo = zip(*out)
             merge[name] = stack_factors(list(Bo), list(Ao), list(wo))
-        return ServerUpdate(merge=merge, global_lora=update.global_lora, round=update.round)
+        return replace(update, merge=merge)
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

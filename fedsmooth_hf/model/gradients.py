@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .sketch import DenseGradient, SketchedGradient, TestMatrices, sketch_sizes
+from ..math.sketch import GA_ESTIMATORS, DenseGradient, SketchedGradient, TestMatrices, sketch_sizes
 
 __all__ = ["estimate_weight_gradients", "estimate_gradient_subspaces", "GradientEstimates", "default_loss",
            "GA_ESTIMATORS", "warn_small_calibration"]
@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 #: ``dense``: the dense ``G`` of every layer and its SVD (the published computation);
 #: ``sketch``: streaming sketches wherever they are smaller than ``G``, dense elsewhere.
-GA_ESTIMATORS = ("sketch", "dense")
 
 Batch = Mapping[str, torch.Tensor]
 

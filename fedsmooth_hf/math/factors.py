@@ -1,15 +1,26 @@
-"""One naming scheme for LoRA factors in flat files and messages: ``<prefix>/<module>/B`` and ``.../A``.
+"""The one ``Factors`` type, and one naming scheme for factors in flat files and messages.
 
-Checkpoints (safetensors of torch tensors) and Flower messages (numpy arrays) both
-store ``name -> (B, A)`` maps under these keys. Imports nothing heavy: the arrays
-are converted by the caller's ``convert``.
+A module's low-rank delta is a pair ``(B, A)`` with ``B @ A`` the ``d_out x d_in``
+change; :data:`ModuleFactors` maps module names to such pairs. Checkpoints (safetensors
+of torch tensors) and Flower messages (numpy arrays) store these maps under the keys
+``<prefix>/<module>/B`` and ``.../A``. Imports nothing heavy (a Flower ServerApp module
+reads it): the arrays are converted by the caller's ``convert``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, TypeAlias
 
-__all__ = ["UPLOAD_PREFIX", "flatten_factors", "unflatten_factors"]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["Factors", "ModuleFactors", "UPLOAD_PREFIX", "flatten_factors", "unflatten_factors"]
+
+#: one module's low-rank delta ``B @ A``: ``B`` is ``d_out x k``, ``A`` is ``k x d_in``
+Factors: TypeAlias = "tuple[Tensor, Tensor]"
+#: factors by module name (PEFT's module path of the adapted layer)
+ModuleFactors: TypeAlias = "dict[str, Factors]"
 
 #: the prefix of a client upload's keys on the wire (``FederatedStrategy.encode_upload``)
 UPLOAD_PREFIX = "lora"

@@ -17,9 +17,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..math.factors import Factors
+from ..math.lowrank import factored_norm, stack_factors, truncated_svd
 from .adapter import lora_scaling
-from .lowrank import factored_norm, stack_factors, truncated_svd
-from .lowrank_hook import LowRankHook
+from .offsets import LowRankHook
 
 __all__ = [
     "merge_into_base",
@@ -33,7 +34,6 @@ __all__ = [
     "first_non_finite",
 ]
 
-Factors = tuple[torch.Tensor, torch.Tensor]
 
 
 def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:

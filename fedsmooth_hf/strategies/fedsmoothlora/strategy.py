@@ -28,37 +28,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
-from ..gradient_aligned import client_init_factors
-from ..gradients import GA_ESTIMATORS
-from ..lowrank import factored_norm, stack_factors, truncated_svd
-from .base import (
+from ...math.gradient_aligned import client_init_factors
+from ...math.lowrank import factored_norm, stack_factors, truncated_svd
+from ..base import (
     ClientStart,
     Factors,
     FederatedStrategy,
     ModuleFactors,
     ServerUpdate,
-    StrategyOptionError,
     flatten_factors,
     truncated_product_mean,
     unflatten_factors,
 )
-from .registry import register_strategy
-
-ZETA_MODES = ("auto", "constant", "cosine")
-STALE_ROUND_MATCHING = ("continuity", "reset", "paper")
+from ..registry import register_strategy
+from .config import ZETA_MODES, FedSmoothLoRAConfig
 
 
 def resolve_zeta_mode(mode: str, iid_data: bool | None) -> str:
     """``auto``: ``constant`` on an IID split, ``cosine`` otherwise (the authors' advice).
 
     ``iid_data=None`` (heterogeneity unknown, e.g. user-given client datasets) is
-    treated as non-IID: a decaying zeta is the safe choice there.
+    treated as non-IID: a decaying zeta is the safe choice there. ``mode`` is checked by
+    :class:`FedSmoothLoRAConfig`.
     """
-    if mode not in ZETA_MODES:
-        raise StrategyOptionError("zeta_mode", f"zeta_mode must be one of {ZETA_MODES}, got '{mode}'")
     if mode != "auto":
         return mode
     return "constant" if iid_data else "cosine"
@@ -89,66 +85,36 @@ class FedSmoothLoRA(FederatedStrategy):
     Args:
         rank: LoRA rank r.
         num_rounds: total rounds (for the cosine zeta schedule).
-        gamma: stable-scale constant of the Gradient-Aligned factors, ``k = d_out^(1/4)/sqrt(gamma)``.
-        zeta: Round-Matching weight (``1.0``: each client resumes its own previous end state).
-        zeta_mode: ``"constant"``, ``"cosine"`` (decays to ``min_zeta``) or ``"auto"``: constant
-            when ``iid_data`` is true, cosine otherwise.
-        min_zeta: floor of the cosine schedule.
-        iid_data: whether the clients' data is an IID split (``None``: unknown); read by ``auto``.
-        stale_round_matching: start of a client whose last upload is more than one round
-            old: ``"continuity"``, ``"reset"`` or ``"paper"`` (module docstring).
-        exact_round_matching: a variant (not the paper's): LoRA starts at the GA factors and
-            the whole ``W_rm`` joins the frozen offset, ``- s B_ga A_ga + s W_rm``, so a client
-            starts exactly at ``W + s W_rm`` (the paper's rank-r ``SVD_r(B_ga A_ga + W_rm)``
-            drops part of it); the upload is ``SVD_r(B A - B_ga A_ga + W_rm)``.
-        ga_init: ``False`` is an ablation (the paper's "w/o GA"): no gradient is estimated; a
-            client starts from PEFT's plain LoRA init in round 0 and from ``SVD_r(W_rm)``
-            afterwards (Round-Matching only), with no frozen offset.
-        ga_estimator: how the top-``2r`` gradient subspace is found: ``"sketch"`` (streaming
-            randomized sketches, memory ``O((d_in + d_out) r)`` per layer, see ``sketch.py``) or
-            ``"dense"`` (the dense gradient of every layer and its SVD, as published).
+        config: the method's options (:class:`FedSmoothLoRAConfig`; its docstring and
+            docs/method.md say what each does). ``exact_round_matching`` is a variant (not the
+            paper's): LoRA starts at the GA factors and the whole ``W_rm`` joins the frozen
+            offset, ``- s B_ga A_ga + s W_rm``, so a client starts exactly at ``W + s W_rm``
+            and uploads ``SVD_r(B A - B_ga A_ga + W_rm)``. ``ga_init=False`` is the paper's
+            "w/o GA" ablation: no gradient pass; PEFT's init in round 0, ``SVD_r(W_rm)`` afterwards.
+        iid_data: whether the clients' data is an IID split (``None``: unknown); read by
+            ``zeta_mode="auto"``.
+        **options: fields of :class:`FedSmoothLoRAConfig` given one by one (they override ``config``).
     """
 
     name = "fedsmoothlora"
     needs_gradient = True
+    config_class = FedSmoothLoRAConfig
 
-    def __init__(
-        self,
-        rank: int,
-        num_rounds: int = 1,
-        gamma: float = 64.0,
-        zeta: float = 1.0,
-        zeta_mode: str = "auto",
-        min_zeta: float = 0.0,
-        ga_init: bool = True,
-        iid_data: bool | None = None,
-        stale_round_matching: str = "continuity",
-        exact_round_matching: bool = False,
-        ga_estimator: str = "sketch",
-    ):
+    def __init__(self, rank: int, num_rounds: int = 1, config: FedSmoothLoRAConfig | None = None,
+                 iid_data: bool | None = None, **options):
         super().__init__(rank, num_rounds)
-        if ga_estimator not in GA_ESTIMATORS:
-            raise StrategyOptionError("ga_estimator", f"ga_estimator must be one of {GA_ESTIMATORS}, got '{ga_estimator}'")
-        if gamma <= 0:
-            raise StrategyOptionError("gamma", f"gamma must be > 0, got {gamma}")
-        if stale_round_matching not in STALE_ROUND_MATCHING:
-            raise StrategyOptionError(
-                "stale_round_matching",
-                f"stale_round_matching must be one of {STALE_ROUND_MATCHING}, got '{stale_round_matching}'",
-            )
-        self.gamma = float(gamma)
-        self.zeta = float(zeta)
-        self.requested_zeta_mode = zeta_mode
-        self.zeta_mode = resolve_zeta_mode(zeta_mode, iid_data)
-        self.stale_round_matching = stale_round_matching
-        if exact_round_matching and not ga_init:
-            raise StrategyOptionError("exact_round_matching",
-                                      "exact_round_matching keeps W_rm beside the Gradient-Aligned start: "
-                                      "it needs ga_init=True")
-        self.exact_round_matching = bool(exact_round_matching)
-        self.min_zeta = float(min_zeta)
-        self.ga_init = bool(ga_init)
-        self.ga_estimator = ga_estimator
+        unknown = sorted(set(options) - set(FedSmoothLoRAConfig.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"FedSmoothLoRA got unknown options {unknown}; see FedSmoothLoRAConfig")
+        self.config = replace(config or FedSmoothLoRAConfig(), **options)  # validated by the config itself
+        c = self.config
+        self.gamma, self.zeta, self.min_zeta = float(c.gamma), float(c.zeta), float(c.min_zeta)
+        self.requested_zeta_mode = c.zeta_mode
+        self.zeta_mode = resolve_zeta_mode(c.zeta_mode, iid_data)
+        self.stale_round_matching = c.stale_round_matching
+        self.exact_round_matching = bool(c.exact_round_matching)
+        self.ga_init = bool(c.ga_init)
+        self.ga_estimator = c.ga_estimator
         self.needs_gradient = self.ga_init  # the trainer skips the gradient pass when False
         self._client_uploads: dict[int, ModuleFactors] = {}
         self._upload_round: dict[int, int | None] = {}  # round of each client's last upload (None: unknown)
@@ -220,6 +186,9 @@ class FedSmoothLoRA(FederatedStrategy):
     def gradient_request(self) -> dict:
         """The GA factors need the top ``2r`` singular directions of each layer's gradient."""
         return {"rank": 2 * self.rank, "estimator": self.ga_estimator}
+
+    def calibration(self) -> tuple[int, int]:
+        return self.config.ga_samples, self.config.ga_batch_size
 
     def client_start(self, client: int, grads: Mapping[str, object] | None = None) -> ClientStart:
         """``grads``: per layer ``G`` or an estimate of it (``.top_singular``); see ``gradient_request``."""
@@ -346,14 +315,14 @@ class FedSmoothLoRA(FederatedStrategy):
                     f"2 * lora_r must be <= {min(d_out, d_in)}"
                 )
 
-    def card_fields(self, options: Mapping) -> dict:
+    def card_fields(self) -> dict:
         """The GA and Round-Matching options in force; ``zeta_mode`` says when ``auto`` chose it."""
         zeta_mode = self.zeta_mode
         if self.requested_zeta_mode != zeta_mode:
             zeta_mode = f"{zeta_mode} (zeta_mode={self.requested_zeta_mode})"
         fields = {"strategy": self.name}
         if self.needs_gradient:
-            fields["ga_samples"] = options.get("ga_samples")
+            fields["ga_samples"] = self.config.ga_samples
         fields.update(gamma=self.gamma, zeta=self.zeta, zeta_mode=zeta_mode, min_zeta=self.min_zeta,
                       stale_round_matching=self.stale_round_matching)
         return fields
@@ -370,4 +339,6 @@ class FedSmoothLoRA(FederatedStrategy):
             "stale_round_matching": self.stale_round_matching,
             "exact_round_matching": self.exact_round_matching,
             "ga_estimator": self.ga_estimator,
+            "ga_samples": self.config.ga_samples,
+            "ga_batch_size": self.config.ga_batch_size,
         }

@@ -14,15 +14,18 @@ parse a single arguments class.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 from transformers import TrainingArguments
 
-from .gradients import GA_ESTIMATORS
-from .partition import PARTITION_METHODS
-from .strategies import available_strategies, strategy_from_options
-from .strategies.base import StrategyOptionError
-from .strategies.registry import strategy_class
+from ..data.partition import PARTITION_METHODS
+from ..model.client_rank import resolve_client_ranks
+from ..strategies import FedSmoothLoRAConfig, available_strategies, strategy_from_options
+from ..strategies.base import StrategyOptionError
+from ..strategies.fedsmoothlora.config import check_fedsmoothlora_options
+from ..strategies.registry import strategy_class
 
 ROUND_LR_SCHEDULES = ("constant", "cosine")
 CLIENT_FAILURE_POLICIES = ("raise", "skip")
@@ -57,39 +60,6 @@ class FederatedArguments:
     modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Modules trained in full and averaged across clients (e.g. a new classifier head)."},
-    )
-    ga_samples: int = field(
-        default=64, metadata={"help": "Calibration examples per client round for the Gradient-Aligned init."}
-    )
-    ga_batch_size: int = field(default=8, metadata={"help": "Batch size of the gradient estimation pass."})
-    gamma: float = field(default=64.0, metadata={"help": "Stable-scale gamma: GA factors scaled by d_out^(1/4)/sqrt(gamma)."})
-    zeta: float = field(default=1.0, metadata={"help": "Round-Matching weight zeta (0 disables Round-Matching)."})
-    zeta_mode: str = field(
-        default="auto",
-        metadata={"help": "FedSmoothLoRA: Round-Matching schedule over rounds, auto, constant or cosine. auto: constant "
-                          "for an IID partition, cosine (to min_zeta) for any other split or user-given client_datasets."},
-    )
-    min_zeta: float = field(default=0.0, metadata={"help": "Final zeta of the cosine schedule."})
-    stale_round_matching: str = field(
-        default="continuity",
-        metadata={"help": "FedSmoothLoRA: start of a client whose last round was not the previous one: continuity, "
-                          "reset or paper (docs/method.md, partial participation)."},
-    )
-    exact_round_matching: bool = field(
-        default=False,
-        metadata={"help": "FedSmoothLoRA variant (not the paper's): keep the whole Round-Matching term in the frozen "
-                          "offset and start LoRA at the Gradient-Aligned factors, so no part of W_rm is truncated."},
-    )
-    ga_init: bool = field(
-        default=True,
-        metadata={"help": "FedSmoothLoRA only: Gradient-Aligned client starts. False is an ablation: plain LoRA "
-                          "init in round 0, Round-Matching only afterwards, no gradient estimation."},
-    )
-    ga_estimator: str = field(
-        default="sketch",
-        metadata={"help": f"FedSmoothLoRA only: how the top-2r gradient subspace is found, one of {GA_ESTIMATORS}. "
-                          "'sketch': streaming randomized sketches (d_out (2r + 8) + d_in (2r + 24) floats per layer, "
-                          "never the dense gradient); 'dense': every layer's dense gradient and its SVD (published)."},
     )
     round_lr_schedule: str = field(
         default="constant",
@@ -160,27 +130,28 @@ class FederatedArguments:
         def bad(name, why):
             raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {why}")
 
-        strategy_class(self.strategy)  # unknown names list the valid ones
-        self.strategy = self.strategy.lower().replace("-", "_")
+        self.strategy = strategy_class(self.strategy).name  # unknown names list the valid ones
         if self.num_clients < 1:
             bad("num_clients", "must be >= 1")
         if self.clients_per_round is None:
             self.clients_per_round = self.num_clients
         if not 1 <= self.clients_per_round <= self.num_clients:
             bad("clients_per_round", f"must be between 1 and num_clients={self.num_clients}")
-        for name in ("num_rounds", "local_steps", "lora_r", "ga_batch_size"):
-            if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
+        if self.local_steps < 1:
+            bad("local_steps", "must be >= 1")
         if self.lora_alpha <= 0:
             bad("lora_alpha", "must be > 0")
         if not 0 <= self.lora_dropout < 1:
             bad("lora_dropout", "must be in [0, 1)")
-        try:  # the strategy checks its own options (once, in its constructor)
+        try:  # the strategy checks rank, rounds, client ranks and its own options (its config), once
             strategy = strategy_from_options(self.strategy, self.strategy_options())
+            strategy.set_client_ranks(self.resolved_client_ranks())
         except StrategyOptionError as err:
+            if not hasattr(self, err.option):  # an option of the strategy's config: its message names it
+                raise ValueError(str(err)) from None
             bad(err.option, str(err))
-        if strategy.needs_gradient and self.ga_samples < 1:
-            bad("ga_samples", f"strategy '{self.strategy}' estimates gradients and needs ga_samples >= 1")
+        except ValueError as err:  # the client_ranks pattern itself
+            bad("client_ranks", str(err))
         if self.round_lr_schedule not in ROUND_LR_SCHEDULES:
             bad("round_lr_schedule", f"must be one of {ROUND_LR_SCHEDULES}")
         if self.round_min_lr < 0:
@@ -191,13 +162,6 @@ class FederatedArguments:
             bad("partition_column", "partition='column' needs the name of the column to split by")
         if self.dirichlet_alpha <= 0:
             bad("dirichlet_alpha", "must be > 0")
-        if self.client_ranks:
-            from .client_rank import resolve_client_ranks
-
-            try:
-                resolve_client_ranks(self.client_ranks, self.num_clients, self.lora_r)
-            except ValueError as error:
-                bad("client_ranks", str(error).removeprefix("client_ranks: "))
         if not 0 <= self.client_eval_fraction < 1:
             bad("client_eval_fraction", "must lie in [0, 1) (0 turns per-client evaluation off)")
         if not self.prox_mu >= 0:
@@ -214,29 +178,33 @@ class FederatedArguments:
         if self.save_dtype not in SAVE_DTYPES:
             bad("save_dtype", f"must be one of {SAVE_DTYPES}")
 
-    def strategy_options(self, iid_data: bool | None = None) -> dict:
-        """Keyword arguments any strategy constructor may take from these arguments.
+    def resolved_client_ranks(self, max_rank: int | None = None) -> list[int]:
+        """One adapter rank per client (``client_ranks`` expanded; ``max_rank`` defaults to ``lora_r``)."""
+        return resolve_client_ranks(self.client_ranks, self.num_clients, max_rank or self.lora_r)
 
-        ``iid_data``: whether the clients' data is an IID split (None: unknown), for ``zeta_mode=auto``.
-        """
-        return {
-            "iid_data": iid_data,
-            "stale_round_matching": self.stale_round_matching,
-            "exact_round_matching": self.exact_round_matching,
-            "rank": self.lora_r,
-            "num_rounds": self.num_rounds,
-            "gamma": self.gamma,
-            "zeta": self.zeta,
-            "zeta_mode": self.zeta_mode,
-            "min_zeta": self.min_zeta,
-            "ga_init": self.ga_init,
-            "ga_estimator": self.ga_estimator,
-        }
+    def strategy_options(self, iid_data: bool | None = None) -> dict:
+        """Keyword arguments for the strategy's constructor: rank, rounds and its options (its config,
+        from :meth:`strategy_config`). ``iid_data``: whether the clients' data is an IID split (None:
+        unknown), for ``zeta_mode=auto``."""
+        options = {"rank": self.lora_r, "num_rounds": self.num_rounds, "iid_data": iid_data}
+        config = self.strategy_config()
+        if config is not None:
+            options["config"] = config
+        return options
+
+    def strategy_config(self):
+        """The options of the chosen strategy given through these arguments (``None``: its defaults,
+        or the config the LoRA config carries). Only the deprecated keywords of ``FederatedArguments``
+        (``FederatedArguments(zeta=...)``) set it here; :class:`FederatedTrainingArguments` holds the fields."""
+        moved = getattr(self, "moved_strategy_options", None)
+        if not moved:
+            return None
+        return FedSmoothLoRAConfig(**moved)
 
     def make_server_optimizer(self, strategy):
         """The :class:`~fedsmooth_hf.server_optim.ServerOptimizer` these arguments describe, for ``strategy``
         (momentum at its rank; a combination without a factored form is refused)."""
-        from .server_optim import ServerOptimizer
+        from ..math.server_optim import ServerOptimizer
 
         optimizer = ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum,
                                     tuple(self.server_betas), self.server_tau, strategy.rank)
@@ -247,24 +215,56 @@ class FederatedArguments:
         return asdict(self)
 
 
+def _accept_moved_options(cls):
+    """``FederatedArguments(zeta=...)``, from before FedSmoothLoRA's options moved to their own config:
+    still accepted, with a FutureWarning, and used as that config."""
+    init = cls.__init__
+    moved_names = {f.name for f in fields(FedSmoothLoRAConfig)}
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        moved = {k: kwargs.pop(k) for k in list(kwargs) if k in moved_names}
+        if moved:
+            warnings.warn(
+                f"FederatedArguments({', '.join(sorted(moved))}=...) is deprecated: FedSmoothLoRA's options moved to "
+                "FedSmoothLoRAConfig, carried by the LoRA config: FederatedTrainer(..., peft_config="
+                "FederatedLoraConfig(fedsmoothlora_config=FedSmoothLoRAConfig(...))) (docs/trainer.md)",
+                FutureWarning, stacklevel=2)
+        self.moved_strategy_options = moved
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+_accept_moved_options(FederatedArguments)
+
+
 @dataclass
-class FederatedTrainingArguments(TrainingArguments, FederatedArguments):
-    """``TrainingArguments`` plus every :class:`FederatedArguments` field, in one class.
+class FederatedTrainingArguments(TrainingArguments, FederatedArguments, FedSmoothLoRAConfig):
+    """``TrainingArguments`` plus every :class:`FederatedArguments` and :class:`FedSmoothLoRAConfig`
+    field, in one class.
 
     An upstream script federates by parsing this class instead of ``TrainingArguments``
     and building a ``FederatedTrainer`` instead of a ``Trainer``. The fields are
-    inherited from ``FederatedArguments``, not restated, so both classes always agree.
+    inherited, not restated, so the classes always agree.
     """
 
     __repr__ = TrainingArguments.__str__  # the generated repr would print hub_token; TrainingArguments' hides it
 
     def __post_init__(self):
         TrainingArguments.__post_init__(self)
+        check_fedsmoothlora_options(self)
         FederatedArguments.__post_init__(self)
 
     def federated_arguments(self) -> FederatedArguments:
         """The federated fields as a :class:`FederatedArguments` (what checkpoints record)."""
         return FederatedArguments(**{f.name: getattr(self, f.name) for f in fields(FederatedArguments)})
+
+    def strategy_config(self) -> FedSmoothLoRAConfig | None:
+        """FedSmoothLoRA's fields as a :class:`FedSmoothLoRAConfig` (None when all are at their defaults)."""
+        config = FedSmoothLoRAConfig(**{f.name: getattr(self, f.name) for f in fields(FedSmoothLoRAConfig)})
+        return None if config == FedSmoothLoRAConfig() else config
 
 
 def resolve_federated_arguments(args: TrainingArguments | None, fed_args: FederatedArguments | None) -> FederatedArguments:

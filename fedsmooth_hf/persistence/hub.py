@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import lora_scaling
-from .lowrank import dense_top_svd
-from .merge import dense_base_weight, is_quantized
-from .version import __version__
+from ..math.factors import Factors
+from ..math.lowrank import dense_top_svd
+from ..model.adapter import lora_scaling
+from ..model.merge import dense_base_weight, is_quantized
+from ..version import __version__
 
 __all__ = ["merged_state_dict", "save_merged_model", "export_lora_adapter", "model_card", "write_model_card",
            "push_folder_to_hub"]
 
-Factors = tuple[torch.Tensor, torch.Tensor]
 
 
 def _base_name(name: str) -> str:
@@ -264,7 +264,7 @@ def write_model_card(trainer, output_dir: str | os.PathLike, **card_args) -> Pat
     card = model_card(
         getattr(trainer.model.get_base_model().config, "_name_or_path", "") or "",
         trainer.fed_args.to_dict(),
-        trainer.strategy.card_fields(trainer.fed_args.to_dict()),
+        trainer.strategy.card_fields(),
         trainer.round_history,
         {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
         **card_args,

@@ -1,9 +1,12 @@
-"""What turns ``Trainer.train()`` into one client's local round, and what it leaves to clean up.
+"""One client's local round: the strategy's start, a real ``Trainer`` inner loop, the upload.
 
-A local round is a real ``Trainer`` inner loop under the user's ``TrainingArguments``,
-with the few settings a federation must own swapped in for its duration, a seed that
-depends only on (seed, round, client), and afterwards no optimizer, scheduler or
-DeepSpeed engine left alive for the next client.
+:func:`run_local_round` is what every executor runs for a client, in-process or on a
+federation node (same seed, same result): the gradient pass the strategy asks for,
+its client start (LoRA factors, frozen offsets), ``Trainer.train()`` under the user's
+``TrainingArguments`` with the few settings a federation must own swapped in for its
+duration and a seed that depends only on (seed, round, client), then the upload, as a
+:class:`~fedsmooth_hf.engine.result.ClientResult`. Afterwards no optimizer, scheduler or
+DeepSpeed engine is left alive for the next client.
 
 A few arguments would mean the wrong thing inside one client's round: the length of a
 whole run, checkpoints and evaluations, a best model chosen among a client's steps.
@@ -18,12 +21,22 @@ import contextlib
 import dataclasses
 import logging
 import math
+import time
 
 import numpy as np
-from transformers import TrainingArguments
+import torch
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
-__all__ = ["client_round_seed", "local_round_args", "announce_overrides", "conflicting_arguments",
+from ..math.lowrank import pad_factors, truncate_factors
+from ..model.adapter import ADAPTER, apply_client_start, clear_offsets, get_lora_factors, set_offsets
+from ..model.client_rank import RankMask
+from ..model.gradients import estimate_gradient_subspaces
+from ..model.merge import first_non_finite
+from ..model.proximal import ProximalTerm, proximal_loss
+from .result import ClientResult, ClientTrainingError
+
+__all__ = ["run_local_round", "client_round_seed", "local_round_args", "announce_overrides", "conflicting_arguments",
            "release_engine", "check_local_result", "first_logged_loss"]
 
 logger = logging.getLogger(__name__)
@@ -141,9 +154,6 @@ def release_engine(trainer) -> None:
 
 def check_local_result(number: int, client: int, training_loss: float, trained, extras) -> None:
     """A :class:`ClientTrainingError` for a non-finite loss, LoRA factor or ``modules_to_save`` value."""
-    from .executor import ClientTrainingError
-    from .merge import first_non_finite
-
     if not math.isfinite(training_loss):
         raise ClientTrainingError(number, client, f"non-finite training loss {training_loss}")
     bad = next((n for n, (B, A) in trained.items() if first_non_finite({"B": B, "A": A}) is not None), None)
@@ -160,3 +170,81 @@ def first_logged_loss(log_history: list[dict]) -> float | None:
         if "loss" in entry:
             return float(entry["loss"])
     return None
+
+
+def calibration_batches(trainer, client: int, seed: int):
+    """The strategy's calibration sample of ``client``'s data (seeded), in batches, split over the processes."""
+    samples, batch_size = trainer.strategy.calibration()
+    ds = trainer.client_dataset(client)
+    idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[: min(samples, len(ds))])
+    world, rank = trainer.args.world_size, trainer.args.process_index
+    idx = idx[rank::world] if world > 1 else idx
+    subset = ds.select(idx.tolist()) if hasattr(ds, "select") else torch.utils.data.Subset(ds, idx.tolist())
+    if hasattr(subset, "column_names"):
+        subset = trainer._remove_unused_columns(subset, description="calibration")
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=trainer.data_collator)
+    for batch in loader:
+        yield trainer._prepare_inputs(batch)
+
+
+def estimate_client_gradients(trainer, client: int, seed: int, point) -> dict:
+    """dL/dW of every adapted layer at the global model shifted by ``s * point`` (if any),
+    as the per-layer estimates the strategy asked for (``strategy.gradient_request()``)."""
+    trainer.load_global_adapter()
+    if point is not None:
+        set_offsets(trainer.layers, point, ADAPTER)
+    reduce_fn = (lambda g: trainer.accelerator.reduce(g, "mean")) if trainer.args.world_size > 1 else None
+    try:
+        return estimate_gradient_subspaces(trainer.model, trainer.layers, calibration_batches(trainer, client, seed),
+                                           loss_fn=lambda m, b: trainer.compute_loss(m, b), reduce_fn=reduce_fn,
+                                           **trainer.strategy.gradient_request())
+    finally:
+        clear_offsets(trainer.layers)
+
+
+def run_local_round(trainer, round_idx: int, client: int, learning_rate: float,
+                    ignore_keys_for_eval=None) -> ClientResult:
+    """Client ``client``'s round ``round_idx`` (0-based) on ``trainer`` (a ``FederatedTrainer``).
+
+    ``strategy_overhead_s`` times everything the strategy adds to a plain local round (the
+    gradient pass, subspace reconstruction and SVDs, the client start and setting the offsets,
+    the upload's factorization).
+    """
+    strategy, fa = trainer.strategy, trainer.fed_args
+    seed = client_round_seed(trainer.args.seed, round_idx, client)
+    set_seed(seed)
+    t_start = time.perf_counter()
+    with trainer.gathered(modify=True):
+        grads = None
+        if strategy.needs_gradient:
+            grads = estimate_client_gradients(trainer, client, seed, strategy.gradient_point(client))
+        start = strategy.client_start(client, grads)
+        del grads
+        rank = strategy.client_rank(client)  # below lora_r: zero-padded, the rest masked (client_rank.py)
+        apply_client_start(trainer.layers, pad_factors(start.lora, trainer.lora_rank), start.offsets,
+                           start.train_A, start.train_B, ADAPTER)
+    overhead = time.perf_counter() - t_start
+    proximal = ProximalTerm(trainer.model, fa.prox_mu) if fa.prox_mu else None  # FedProx
+    trainer.train_dataset = trainer.client_dataset(client)
+    set_seed(seed)  # data order and dropout of this local round
+    t0 = time.perf_counter()
+    try:
+        with local_round_args(trainer.args, fa.local_steps, learning_rate), proximal_loss(trainer, proximal), \
+                RankMask(trainer.layers, rank, ADAPTER):
+            out = Trainer.train(trainer, ignore_keys_for_eval=ignore_keys_for_eval)  # the inner loop, not the rounds
+    finally:
+        trainer.count_local_steps(trainer.state.global_step)
+        release_engine(trainer)
+        clear_offsets(trainer.layers)
+    with trainer.gathered():
+        trained = truncate_factors(get_lora_factors(trainer.layers, ADAPTER), rank)
+        extras = trainer.extra_parameters()
+    check_local_result(round_idx + 1, client, out.training_loss, trained, extras)
+    train_time = time.perf_counter() - t0
+    t_upload = time.perf_counter()
+    upload = strategy.client_upload(client, trained)
+    overhead += time.perf_counter() - t_upload
+    return ClientResult(client=client, upload=upload, num_examples=len(trainer.train_dataset),
+                        train_loss=float(out.training_loss), extras=extras, train_time_s=train_time,
+                        strategy_overhead_s=overhead, first_loss=first_logged_loss(trainer.state.log_history),
+                        strategy_metrics=strategy.client_metrics(client))

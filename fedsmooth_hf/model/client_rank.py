@@ -18,38 +18,18 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .strategies.base import ModuleFactors
-
 
 def resolve_client_ranks(pattern: Sequence[int], num_clients: int, max_rank: int) -> list[int]:
-    """One rank per client from ``pattern`` (repeated when shorter); empty = every client at ``max_rank``."""
+    """One rank per client from ``pattern`` (repeated when shorter); empty = every client at ``max_rank``.
+
+    The ranks' range is the strategy's to check (``FederatedStrategy.set_client_ranks``).
+    """
     if not pattern:
         return [max_rank] * num_clients
     if len(pattern) > num_clients:
         raise ValueError(f"client_ranks has {len(pattern)} values for {num_clients} clients: give one per client "
                          "or a shorter pattern that repeats")
-    bad = [r for r in pattern if not 1 <= int(r) <= max_rank]
-    if bad:
-        raise ValueError(f"client_ranks: every rank must lie in [1, lora_r={max_rank}], got {bad}")
     return [int(pattern[c % len(pattern)]) for c in range(num_clients)]
-
-
-def truncate_factors(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> ModuleFactors:
-    """The leading ``rank`` components: ``B[:, :rank]``, ``A[:rank]``."""
-    return {n: (B[:, :rank].clone(), A[:rank].clone()) for n, (B, A) in factors.items()}
-
-
-def pad_factors(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> ModuleFactors:
-    """Zero-pad factors of a smaller inner rank to ``rank`` (``B A`` is unchanged)."""
-    out = {}
-    for n, (B, A) in factors.items():
-        k = B.shape[1]
-        if k == rank:
-            out[n] = (B, A)
-            continue
-        out[n] = (torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1),
-                  torch.cat([A, A.new_zeros(rank - k, A.shape[1])], dim=0))
-    return out
 
 
 class RankMask:

@@ -30,12 +30,15 @@ import random
 import re
 import shutil
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..strategies.fedsmoothlora.config import FedSmoothLoRAConfig
 
 __all__ = [
     "CheckpointError",
@@ -59,6 +62,11 @@ TENSOR_FILES = (MODEL_FILE, STRATEGY_FILE)
 _ROUND_DIR = re.compile(r"^round-(\d+)$")
 _TEMPORARY_DIR = re.compile(r"^\.round-\d+\.(tmp|old)-\d+$")
 _HASH_CHUNK = 1 << 20
+
+
+#: ``FederatedArguments`` fields of checkpoints written before FedSmoothLoRA's options moved to
+#: ``FedSmoothLoRAConfig``; they are compared with the strategy's options instead
+MOVED_TO_STRATEGY = frozenset(f.name for f in fields(FedSmoothLoRAConfig))
 
 
 class CheckpointError(ValueError):
@@ -250,9 +258,11 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 # ---------------------------------------------------------------------- validation
-def check_resumable(path, state: dict, fed_args: Mapping, seed: int, may_change: set[str]) -> None:
-    """Refuse to resume a run whose ``FederatedArguments`` (beyond ``may_change``) or seed differ."""
-    saved = state["fed_args"]
+def check_resumable(path, state: dict, fed_args: Mapping, seed: int, may_change: set[str],
+                    strategy: Mapping | None = None) -> None:
+    """Refuse to resume a run whose ``FederatedArguments`` (beyond ``may_change``), strategy options
+    (``strategy``: its ``describe()``) or seed differ."""
+    saved = {k: v for k, v in state["fed_args"].items() if k not in MOVED_TO_STRATEGY}
     for key, value in fed_args.items():
         if key not in may_change and key in saved and saved[key] != value:
             raise CheckpointError(
@@ -262,6 +272,14 @@ def check_resumable(path, state: dict, fed_args: Mapping, seed: int, may_change:
     unknown = sorted(set(saved) - set(fed_args))
     if unknown:
         raise CheckpointError(f"checkpoint {path}: unknown FederatedArguments field '{unknown[0]}' in {STATE_FILE}")
+    if strategy is not None:  # older checkpoints kept the method's options among the FederatedArguments
+        before = {**{k: v for k, v in state["fed_args"].items() if k in MOVED_TO_STRATEGY}, **state.get("strategy", {})}
+        for key, value in strategy.items():
+            if key not in may_change and key in before and before[key] != value:
+                raise CheckpointError(
+                    f"checkpoint {path} was written with the strategy option {key}={before[key]!r}, "
+                    f"but this run has {value!r}"
+                )
     if state.get("seed", seed) != seed:
         raise CheckpointError(
             f"checkpoint {path} was written with TrainingArguments.seed={state['seed']}, this run has {seed}"
@@ -373,7 +391,7 @@ def model_tensors(layers: Mapping[str, torch.nn.Module], extras: Mapping[str, to
     ``base/<layer>`` (an unquantized base weight), ``residual/<layer>/{B,A}`` (the merged
     update kept beside a quantized base) and ``extra/<name>`` (``modules_to_save`` values).
     """
-    from .merge import base_residual, is_quantized
+    from ..model.merge import base_residual, is_quantized
 
     tensors = {}
     for name, layer in layers.items():
@@ -391,7 +409,7 @@ def model_tensors(layers: Mapping[str, torch.nn.Module], extras: Mapping[str, to
 
 def check_model_checkpoint(path, tensors: Mapping[str, torch.Tensor], layers, extras) -> None:
     """:func:`check_model_tensors` against what ``layers`` and ``extras`` would save now."""
-    from .merge import keeps_residual
+    from ..model.merge import keeps_residual
 
     residual_shapes = {n: (layer.out_features, layer.in_features) for n, layer in layers.items()
                        if keeps_residual(layer.get_base_layer())}
@@ -401,7 +419,7 @@ def check_model_checkpoint(path, tensors: Mapping[str, torch.Tensor], layers, ex
 @torch.no_grad()
 def restore_model_tensors(layers: Mapping[str, torch.nn.Module], tensors: Mapping[str, torch.Tensor]) -> dict:
     """Write checked :func:`model_tensors` back into ``layers``; returns the ``extra/`` values by name."""
-    from .merge import ensure_base_residual
+    from ..model.merge import ensure_base_residual
 
     for name, layer in layers.items():
         key = f"base/{name}"

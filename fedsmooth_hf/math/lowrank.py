@@ -11,11 +11,11 @@ of the ``O(d_out d_in min(d_out, d_in))`` of a dense SVD.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["truncated_svd", "stack_factors", "factored_norm", "dense_top_svd"]
+__all__ = ["truncated_svd", "stack_factors", "factored_norm", "dense_top_svd", "truncate_factors", "pad_factors"]
 
 Tensor = torch.Tensor
 
@@ -158,3 +158,21 @@ def dense_top_svd(matrix: Tensor, k: int, exact_max_dim: int = 2048, oversample:
         torch.manual_seed(0)
         U, S, V = torch.svd_lowrank(m, q=q, niter=niter)
     return U[:, :k], S[:k], V[:, :k]
+
+
+def truncate_factors(factors: Mapping[str, tuple[Tensor, Tensor]], rank: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """The leading ``rank`` components of every module: ``B[:, :rank]``, ``A[:rank]``."""
+    return {n: (B[:, :rank].clone(), A[:rank].clone()) for n, (B, A) in factors.items()}
+
+
+def pad_factors(factors: Mapping[str, tuple[Tensor, Tensor]], rank: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """Zero-pad factors of a smaller inner rank to ``rank`` (``B A`` is unchanged)."""
+    out = {}
+    for n, (B, A) in factors.items():
+        k = B.shape[1]
+        if k == rank:
+            out[n] = (B, A)
+            continue
+        out[n] = (torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1),
+                  torch.cat([A, A.new_zeros(rank - k, A.shape[1])], dim=0))
+    return out

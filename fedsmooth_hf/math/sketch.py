@@ -33,6 +33,7 @@ import torch
 from .lowrank import dense_top_svd
 
 __all__ = [
+    "GA_ESTIMATORS",
     "RANGE_OVERSAMPLE",
     "CORANGE_OVERSAMPLE",
     "sketch_sizes",
@@ -52,6 +53,9 @@ RANGE_OVERSAMPLE = 8
 #: energy the exact GA factors reach (mean over layers); twice the sizes (48, 96) reach 98%.
 CORANGE_OVERSAMPLE = 16
 
+
+#: how the top-2r gradient subspace is found: streaming sketches, or the dense gradient and its SVD
+GA_ESTIMATORS = ("sketch", "dense")
 
 def sketch_sizes(q: int, d_out: int, d_in: int) -> tuple[int, int] | None:
     """``(k, l)`` for ``q`` wanted directions of a ``d_out x d_in`` gradient, or ``None`` for dense.

@@ -27,14 +27,15 @@ import numpy as np
 import torch
 from transformers import TrainerControl
 
+from ..math.lowrank import factored_norm
 from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback
-from .distributed import all_gather_objects, single_process_view, world
-from .executor import CLIENT_FIGURES, ClientExecutor, ClientTrainingError
-from .lowrank import factored_norm
+from .executor import ClientExecutor
+from .result import ClientResult, ClientTrainingError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["sample_clients", "round_learning_rate", "ClientTrainingError", "ClientExecutor", "SequentialExecutor", "ClientParallelExecutor", "RoundEngine"]
+__all__ = ["sample_clients", "round_learning_rate", "federation_epoch", "describe_federation", "RoundEngine"]
+
 
 def sample_clients(fed_args, seed: int, round_idx: int) -> list[int]:
     """Clients of round ``round_idx`` (0-based): a seeded draw that depends only on (seed, round)."""
@@ -67,77 +68,6 @@ def describe_federation(state, fed_args, steps: int) -> None:
     state.num_train_epochs = fed_args.num_rounds
 
 
-def _client_failure(number: int, client: int, err: Exception) -> ClientTrainingError:
-    return err if isinstance(err, ClientTrainingError) else ClientTrainingError(number, client, repr(err))
-
-
-class SequentialExecutor(ClientExecutor):
-    """One client after another in this process group (each local round may be data-parallel)."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def _run_one(self, round_idx: int, client: int, learning_rate: float, extras, ignore_keys) -> dict:
-        return self.trainer.train_client_round(round_idx, client, ignore_keys, learning_rate=learning_rate,
-                                               extras=extras)
-
-    def run(self, engine, round_idx, clients, learning_rate):
-        number, trainer = round_idx + 1, self.trainer
-        global_extras = trainer.extra_parameters()
-        outcomes = {}
-        for client in clients:
-            engine.client_event("on_client_begin", number, client)
-            try:
-                outcomes[client] = self._run_one(round_idx, client, learning_rate, global_extras, engine.ignore_keys)
-            except Exception as err:  # noqa: BLE001 - the failure policy decides
-                error = _client_failure(number, client, err)
-                if trainer.fed_args.on_client_failure == "raise":
-                    raise error from err
-                outcomes[client] = error
-            engine.client_event("on_client_end", number, client, outcomes[client])
-        return outcomes
-
-
-class ClientParallelExecutor(SequentialExecutor):
-    """Process ``r`` trains ``clients[r::world]`` on its own; the results are exchanged, so every
-    rank aggregates the same uploads in the same order."""
-
-    @staticmethod
-    def check(trainer) -> None:
-        """``FederatedArguments.client_parallel`` is refused where one client already spans the processes."""
-        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-            raise ValueError(
-                "FederatedArguments.client_parallel=True trains one client per process and cannot be combined "
-                "with DeepSpeed or FSDP (they split one client's training over the processes); drop one of them"
-            )
-
-    def run(self, engine, round_idx, clients, learning_rate):
-        number, trainer = round_idx + 1, self.trainer
-        rank, size = world()
-        global_extras = trainer.extra_parameters()
-        local = {}
-        for client in clients[rank::size]:
-            engine.client_event("on_client_begin", number, client)
-            try:
-                with single_process_view():
-                    local[client] = self._run_one(round_idx, client, learning_rate, global_extras, engine.ignore_keys)
-            except Exception as err:  # noqa: BLE001 - raised below, on every rank, once all have reported
-                local[client] = _client_failure(number, client, err)
-        outcomes = {}
-        for part in all_gather_objects(local):
-            outcomes.update(part)
-        for client in clients:
-            result = outcomes[client]
-            if client not in local and not isinstance(result, ClientTrainingError):
-                trainer.strategy.remember_upload(client, result["upload"])
-            engine.client_event("on_client_end", number, client, result)
-        if trainer.fed_args.on_client_failure == "raise":
-            for client in clients:
-                if isinstance(outcomes[client], ClientTrainingError):
-                    raise outcomes[client]
-        return outcomes
-
-
 class RoundEngine:
     """The round loop over a trainer (the global model and its strategy) and a :class:`ClientExecutor`."""
 
@@ -167,7 +97,8 @@ class RoundEngine:
         if isinstance(result, ClientTrainingError):
             metrics = {"failed": result.reason}
         else:
-            metrics = {"train_loss": result["train_loss"], **{k: result[k] for k in CLIENT_FIGURES}}
+            metrics = {k: result.figures()[k] for k in ("train_loss", "train_time_s", "strategy_overhead_s",
+                                                         "first_loss")}
         self.fire(event, round=number, client=client, metrics=metrics)
 
     # ------------------------------------------------------------------ the loop
@@ -226,8 +157,8 @@ class RoundEngine:
             logger.warning("skipping round %d, client %d: %s", number, c, reason)
         if not ok:
             raise ClientTrainingError(number, None, f"every sampled client failed: {failed}")
-        uploads = {c: ok[c]["upload"] for c in clients if c in ok}
-        weights = {c: float(ok[c]["num_examples"]) for c in uploads}
+        uploads = {c: ok[c].upload for c in clients if c in ok}
+        weights = {c: float(ok[c].num_examples) for c in uploads}
         total = sum(weights.values())
         previous = t.strategy.global_lora()
         update = t.strategy.aggregate(uploads, weights)
@@ -239,18 +170,18 @@ class RoundEngine:
             "round": number,
             "clients": clients,
             "learning_rate": lr,
-            "train_loss": float(sum(weights[c] * ok[c]["train_loss"] for c in uploads) / total),
-            "client_train_loss": {str(c): ok[c]["train_loss"] for c in uploads},
-            "client_first_loss": {str(c): ok[c]["first_loss"] for c in uploads},
-            "strategy_overhead_s": float(sum(ok[c]["strategy_overhead_s"] for c in uploads)),
-            "local_train_time_s": float(sum(ok[c]["train_time_s"] for c in uploads)),
+            "train_loss": float(sum(weights[c] * ok[c].train_loss for c in uploads) / total),
+            "client_train_loss": {str(c): ok[c].train_loss for c in uploads},
+            "client_first_loss": {str(c): ok[c].first_loss for c in uploads},
+            "strategy_overhead_s": float(sum(ok[c].strategy_overhead_s for c in uploads)),
+            "local_train_time_s": float(sum(ok[c].train_time_s for c in uploads)),
             "merge_norm": float(
                 math.sqrt(sum(factored_norm([B], [A]) ** 2 for B, A in update.merge.values()))
             ) if update.merge else 0.0,
             "failed_clients": {str(c): r for c, r in failed.items()},
             **self.executor.round_record(),
         }
-        record.update(t.strategy.round_metrics({c: ok[c]["strategy_metrics"] for c in uploads}))
+        record.update(t.strategy.round_metrics({c: ok[c].strategy_metrics for c in uploads}))
         if self.control.should_evaluate:
             t_eval = time.perf_counter()
             record.update(self._evaluate(number))
@@ -264,11 +195,11 @@ class RoundEngine:
         return record
 
     @staticmethod
-    def _mean_extras(results: dict, weights: dict, total: float) -> dict[str, torch.Tensor] | None:
+    def _mean_extras(results: dict[int, ClientResult], weights: dict, total: float) -> dict[str, torch.Tensor] | None:
         """Example-weighted mean of the clients' ``modules_to_save`` values (None without any)."""
         sums: dict[str, torch.Tensor] = {}
         for c, w in weights.items():
-            for k, v in results[c]["extras"].items():
+            for k, v in results[c].extras.items():
                 sums[k] = sums.get(k, 0) + w * v
         return {k: v / total for k, v in sums.items()} if sums else None
 

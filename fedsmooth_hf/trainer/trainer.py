@@ -18,28 +18,43 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
-from .adapter import (
+from ..data.partition import resolve_client_datasets
+from ..engine.callbacks import install_round_callbacks
+from ..engine.client_eval import held_out_splits
+from ..engine.client_parallel import ClientParallelExecutor
+from ..engine.executor import ClientExecutor
+from ..engine.local_round import announce_overrides, release_engine, run_local_round
+from ..engine.result import ClientResult, ClientTrainingError
+from ..engine.rounds import (
+    RoundEngine,
+    describe_federation,
+    federation_epoch,
+    round_learning_rate,
+    sample_clients,
+)
+from ..engine.sequential import SequentialExecutor
+from ..math.server_optim import split_optimizer_tensors
+from ..model.adapter import (
     ADAPTER,
     add_lora,
-    apply_client_start,
     clear_offsets,
     copy_parameters,
     find_target_modules,
     get_lora_factors,
     lora_layers,
     set_lora_factors,
-    set_offsets,
     set_parameters,
 )
-from .arguments import FederatedArguments, resolve_federated_arguments
-from .callbacks import install_round_callbacks
-from .checkpoint import (
+from ..model.distributed import gathered, is_zero3, world
+from ..model.gradients import warn_small_calibration
+from ..model.merge import first_non_finite, keep_quantized_layers_differentiable, merge_into_base
+from ..model.proximal import ProximalTerm, check_proximal_supported, with_proximal_term
+from ..persistence.checkpoint import (
     check_model_checkpoint,
     check_resumable,
     check_strategy_tensors,
@@ -51,34 +66,9 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from .client_eval import held_out_splits
-from .client_rank import RankMask, pad_factors, resolve_client_ranks, truncate_factors
-from .distributed import gathered, is_zero3, world
-from .gradients import estimate_gradient_subspaces, warn_small_calibration
-from .local_round import (
-    announce_overrides,
-    check_local_result,
-    client_round_seed,
-    first_logged_loss,
-    local_round_args,
-    release_engine,
-)
-from .merge import first_non_finite, keep_quantized_layers_differentiable, merge_into_base
-from .partition import resolve_client_datasets
-from .proximal import ProximalTerm, check_proximal_supported, proximal_loss, with_proximal_term
-from .rounds import (
-    ClientExecutor,
-    ClientParallelExecutor,
-    ClientTrainingError,
-    RoundEngine,
-    SequentialExecutor,
-    describe_federation,
-    federation_epoch,
-    round_learning_rate,
-    sample_clients,
-)
-from .server_optim import split_optimizer_tensors
-from .strategies import FederatedStrategy, ServerUpdate, strategy_from_options
+from ..strategies import FederatedStrategy, ServerUpdate, strategy_from_options
+from .arguments import FederatedArguments, resolve_federated_arguments
+from .lora_config import resolve_strategy_config
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +88,9 @@ class FederatedTrainer(Trainer):
             (``max_steps`` is replaced by ``fed_args.local_steps``: see ``fedsmooth_hf.local_round``),
             or a ``FederatedTrainingArguments`` that also carries the federated fields.
         fed_args: :class:`FederatedArguments` (with plain ``TrainingArguments`` only).
+        peft_config: the LoRA config to add to a plain ``model`` (a ``peft.LoraConfig``, or a
+            :class:`~fedsmooth_hf.FederatedLoraConfig` that also carries FedSmoothLoRA's options);
+            default: one built from ``fed_args``' LoRA fields.
         train_dataset: one dataset, split over clients by ``fed_args.partition``; or
         client_datasets: the clients' datasets, already separate (takes precedence).
         Everything else is passed to ``Trainer`` unchanged.
@@ -105,7 +98,8 @@ class FederatedTrainer(Trainer):
 
     def __init__(self, model: PreTrainedModel | nn.Module | None = None, args: TrainingArguments | None = None,
                  fed_args: FederatedArguments | None = None, train_dataset=None,
-                 client_datasets: Sequence | None = None, eval_dataset=None, callbacks: list | None = None, **kwargs):
+                 client_datasets: Sequence | None = None, eval_dataset=None, callbacks: list | None = None,
+                 peft_config=None, **kwargs):
         if model is None:
             raise ValueError("FederatedTrainer needs a model")
         self.fed_args: FederatedArguments = resolve_federated_arguments(args, fed_args)
@@ -116,8 +110,9 @@ class FederatedTrainer(Trainer):
         self.client_datasets, self.client_eval_datasets = held_out_splits(self.client_datasets, fa, args.seed)
         # an IID split is known only when we made it; user-given clients may be anything
         iid_data = None if client_datasets is not None else fa.partition == "iid"
-        model = add_lora(model, fa)
+        model = add_lora(model, fa, peft_config)
         keep_quantized_layers_differentiable(model)
+        method_config = resolve_strategy_config(fa.strategy, model.peft_config[ADAPTER], args, fed_args)
 
         super().__init__(model=model, args=args, train_dataset=self.client_datasets[0], eval_dataset=eval_dataset,
                          callbacks=callbacks, **kwargs)
@@ -127,17 +122,18 @@ class FederatedTrainer(Trainer):
         if fa.client_parallel:
             ClientParallelExecutor.check(self)
         self.layers = lora_layers(self.model, ADAPTER)
-        self.strategy: FederatedStrategy = strategy_from_options(
-            fa.strategy, {**fa.strategy_options(iid_data), "rank": self.lora_rank}
-        )
+        options = {**fa.strategy_options(iid_data), "rank": self.lora_rank}
+        if method_config is not None:
+            options["config"] = method_config
+        self.strategy: FederatedStrategy = strategy_from_options(fa.strategy, options)
         logger.info("federated strategy: %s", self.strategy.summary())
         self.strategy.check_layer_shapes({n: (m.out_features, m.in_features) for n, m in self.layers.items()})
         self._extra_names = [n for n, p in self.model.named_parameters() if p.requires_grad and ".lora_" not in n]
         self.strategy.setup(get_lora_factors(self.layers, ADAPTER))
-        self.strategy.set_client_ranks(resolve_client_ranks(fa.client_ranks, fa.num_clients, self.lora_rank))
+        self.strategy.set_client_ranks(fa.resolved_client_ranks(self.lora_rank))
         self.server_optimizer = fa.make_server_optimizer(self.strategy)
         if self.strategy.needs_gradient:
-            warn_small_calibration([len(ds) for ds in self.client_datasets], fa.ga_samples)
+            warn_small_calibration([len(ds) for ds in self.client_datasets], self.strategy.calibration()[0])
         self.round_history: list[dict] = []
         #: (round number, client or None) while a federation runs: every log line carries it
         self.round_context: tuple[int, int | None] | None = None
@@ -159,13 +155,13 @@ class FederatedTrainer(Trainer):
     @contextlib.contextmanager
     def global_model(self):
         """The current global model for inference (e.g. ``generate``); whole on every rank under ZeRO-3."""
-        with self._gathered(modify=True):
+        with self.gathered(modify=True):
             self.load_global_adapter()
-        with self._gathered():
+        with self.gathered():
             yield self.model
 
-    def _gathered(self, modify: bool = False):
-        """Whole parameters under ZeRO-3 (see :func:`fedsmooth_hf.distributed.gathered`)."""
+    def gathered(self, modify: bool = False):
+        """Whole parameters under ZeRO-3, for the ``with`` block (see :func:`fedsmooth_hf.model.distributed.gathered`)."""
         return gathered(self.model, modify) if self._zero3 else contextlib.nullcontext()
 
     def sample_clients(self, round_idx: int) -> list[int]:
@@ -179,34 +175,6 @@ class FederatedTrainer(Trainer):
     def round_learning_rate(self, round_idx: int) -> float:
         return round_learning_rate(self.fed_args, self.args.learning_rate, round_idx)
 
-    def _calibration_batches(self, client: int, seed: int):
-        fa = self.fed_args
-        ds = self.client_dataset(client)
-        rng = np.random.default_rng(seed)
-        idx = np.sort(rng.permutation(len(ds))[: min(fa.ga_samples, len(ds))])
-        world, rank = self.args.world_size, self.args.process_index
-        idx = idx[rank::world] if world > 1 else idx
-        subset = ds.select(idx.tolist()) if hasattr(ds, "select") else torch.utils.data.Subset(ds, idx.tolist())
-        if hasattr(subset, "column_names"):
-            subset = self._remove_unused_columns(subset, description="calibration")
-        loader = torch.utils.data.DataLoader(subset, batch_size=fa.ga_batch_size, collate_fn=self.data_collator)
-        for batch in loader:
-            yield self._prepare_inputs(batch)
-
-    def _estimate_gradients(self, client: int, seed: int, point) -> dict:
-        """dL/dW of every adapted layer at the global model shifted by ``s * point`` (if any),
-        as the per-layer estimates the strategy asked for (``strategy.gradient_request()``)."""
-        self.load_global_adapter()
-        if point is not None:
-            set_offsets(self.layers, point, ADAPTER)
-        reduce_fn = (lambda g: self.accelerator.reduce(g, "mean")) if self.args.world_size > 1 else None
-        try:
-            return estimate_gradient_subspaces(self.model, self.layers, self._calibration_batches(client, seed),
-                                               loss_fn=lambda m, b: self.compute_loss(m, b), reduce_fn=reduce_fn,
-                                               **self.strategy.gradient_request())
-        finally:
-            clear_offsets(self.layers)
-
     def load_global_adapter(self) -> None:
         """The global model: base weights (+ the strategy's global adapter), no offsets."""
         clear_offsets(self.layers)
@@ -214,6 +182,10 @@ class FederatedTrainer(Trainer):
         if glob is None:
             glob = {n: (torch.zeros_like(B), A) for n, (B, A) in self.strategy.init_lora.items()}
         set_lora_factors(self.layers, glob, ADAPTER)
+
+    def count_local_steps(self, steps: int) -> None:
+        """Add a local round's optimizer steps to the federation's step count (logs, ``trainer_state.json``)."""
+        self._step_offset += steps
 
     def extra_parameters(self) -> dict[str, torch.Tensor]:
         """CPU copies of the fully trained parameters (``modules_to_save``), which are averaged, not factored."""
@@ -275,7 +247,7 @@ class FederatedTrainer(Trainer):
             return super().evaluate(*args, **kwargs)
         self.is_deepspeed_enabled = False
         try:
-            with self._gathered():
+            with self.gathered():
                 return super().evaluate(*args, **kwargs)
         finally:
             self.is_deepspeed_enabled = True
@@ -283,76 +255,28 @@ class FederatedTrainer(Trainer):
 
     def evaluate_global(self, ignore_keys=None) -> dict[str, float]:
         """:meth:`evaluate` the global model (no client's offsets or adapter); numeric metrics only."""
-        with self._gathered(modify=True):
+        with self.gathered(modify=True):
             self.load_global_adapter()
         metrics = self.evaluate(ignore_keys=ignore_keys) if self.eval_dataset is not None else {}
         return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
-    # ------------------------------------------------------------------ the round loop
-    def _train_client(self, round_idx: int, client: int, lr: float, ignore_keys_for_eval=None) -> dict:
-        seed = client_round_seed(self.args.seed, round_idx, client)
-        set_seed(seed)
-        grads = None
-        # strategy_overhead_s: everything the strategy adds to a plain local round (gradient
-        # pass, subspace reconstruction / SVDs, client start, upload truncation), one timer.
-        t_start = time.perf_counter()
-        with self._gathered(modify=True):
-            if self.strategy.needs_gradient:
-                grads = self._estimate_gradients(client, seed, self.strategy.gradient_point(client))
-            start = self.strategy.client_start(client, grads)
-            del grads
-            rank = self.strategy.client_rank(client)  # below lora_r: zero-padded, the rest masked (client_rank.py)
-            apply_client_start(self.layers, pad_factors(start.lora, self.lora_rank), start.offsets,
-                               start.train_A, start.train_B, ADAPTER)
-        overhead = time.perf_counter() - t_start
-        proximal = ProximalTerm(self.model, self.fed_args.prox_mu) if self.fed_args.prox_mu else None  # FedProx
-        self.train_dataset = self.client_dataset(client)
-        set_seed(seed)  # data order and dropout of this local round
-        t0 = time.perf_counter()
-        try:
-            with local_round_args(self.args, self.fed_args.local_steps, lr), proximal_loss(self, proximal), \
-                    RankMask(self.layers, rank, ADAPTER):
-                out = super().train(ignore_keys_for_eval=ignore_keys_for_eval)
-        finally:
-            self._step_offset += self.state.global_step
-            release_engine(self)
-            clear_offsets(self.layers)
-        with self._gathered():
-            trained = truncate_factors(get_lora_factors(self.layers, ADAPTER), rank)
-            extras = self.extra_parameters()
-        check_local_result(round_idx + 1, client, out.training_loss, trained, extras)
-        train_time = time.perf_counter() - t0
-        t_upload = time.perf_counter()
-        upload = self.strategy.client_upload(client, trained)
-        overhead += time.perf_counter() - t_upload
-        return {
-            "upload": upload,
-            "extras": extras,
-            "num_examples": len(self.train_dataset),
-            "strategy_metrics": self.strategy.client_metrics(client),
-            "train_loss": float(out.training_loss),
-            "train_time_s": train_time,
-            "strategy_overhead_s": overhead,
-            "first_loss": first_logged_loss(self.state.log_history),
-        }
-
     # ------------------------------------------------------------------ one client, one server step
     def train_client_round(self, round_idx: int, client: int, ignore_keys_for_eval=None,
-                           learning_rate: float | None = None, extras: dict | None = None) -> dict:
+                           learning_rate: float | None = None, extras: dict | None = None) -> ClientResult:
         """Client ``client``'s local round ``round_idx`` (0-based): gradient estimate, strategy start,
-        Trainer inner loop, upload. What every executor runs, in-process or on a federation node (same
-        seed, same result). ``extras``: the global ``modules_to_save`` values to start from.
-        Returns ``upload``, ``extras``, ``num_examples``, losses, timings and ``strategy_metrics``."""
+        Trainer inner loop, upload (:func:`~fedsmooth_hf.engine.local_round.run_local_round`). What every
+        executor runs, in-process or on a federation node (same seed, same result). ``extras``: the
+        global ``modules_to_save`` values to start from."""
         if self.strategy.round != round_idx:  # a node's round: in-process the round loop began it
             self.strategy.begin_round(round_idx)
         outer = self.round_context
         self.round_context = (round_idx + 1, client)
         try:
             if extras is not None:
-                with self._gathered(modify=True):
+                with self.gathered(modify=True):
                     set_parameters(self.model, extras)
             lr = self.round_learning_rate(round_idx) if learning_rate is None else learning_rate
-            return self._train_client(round_idx, client, lr, ignore_keys_for_eval)
+            return run_local_round(self, round_idx, client, lr, ignore_keys_for_eval)
         finally:
             self.round_context = outer
 
@@ -364,7 +288,7 @@ class FederatedTrainer(Trainer):
         the same broadcast update (the round loop does the same after its own aggregate).
         ``extras`` are the averaged ``modules_to_save`` values.
         """
-        with self._gathered(modify=True):
+        with self.gathered(modify=True):
             merge_into_base(self.layers, update.merge, ADAPTER)
             self.strategy.receive_update(update)
             if extras:
@@ -398,7 +322,7 @@ class FederatedTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
     def save_federated_checkpoint(self, round_number: int) -> Path | None:
         """Write ``output_dir/round-<k>`` (process 0 only); safe against a kill at any point."""
-        with self._gathered():  # collective under ZeRO-3: every rank takes part
+        with self.gathered():  # collective under ZeRO-3: every rank takes part
             tensors = model_tensors(self.layers, self.extra_parameters())
         if not self.args.should_save:
             return None
@@ -410,9 +334,10 @@ class FederatedTrainer(Trainer):
     @torch.no_grad()
     def load_federated_checkpoint(self, path) -> int:
         """Restore a ``round-<k>`` checkpoint (checked before anything changes); returns k, the completed rounds."""
-        with self._gathered(modify=True):
+        with self.gathered(modify=True):
             tensors, strategy_tensors, state = load_checkpoint(path)
-            check_resumable(path, state, self.fed_args.to_dict(), self.args.seed, _RESUMABLE_CHANGES)
+            check_resumable(path, state, self.fed_args.to_dict(), self.args.seed, _RESUMABLE_CHANGES,
+                            self.strategy.describe())
             check_model_checkpoint(path, tensors, self.layers, self.extra_parameters())
             optimizer_tensors = split_optimizer_tensors(strategy_tensors)
             check_strategy_tensors(path, strategy_tensors, self.strategy)
@@ -428,18 +353,18 @@ class FederatedTrainer(Trainer):
     # ------------------------------------------------------------------ export
     def merged_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The global model's weights under the base architecture's names (LoRA merged)."""
-        from .hub import merged_state_dict
+        from ..persistence.hub import merged_state_dict
 
-        with self._gathered():
+        with self.gathered():
             return merged_state_dict(self.model, self.layers, self.strategy.global_lora(), ADAPTER, dtype)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the merged global model (a plain ``from_pretrained`` checkpoint), its card and history."""
-        from .hub import save_merged_model
+        from ..persistence.hub import save_merged_model
 
         output_dir = output_dir or self.args.output_dir
         dtype = None if self.fed_args.save_dtype == "auto" else getattr(torch, self.fed_args.save_dtype)
-        with self._gathered():  # collective under ZeRO-3: every rank takes part, rank 0 writes
+        with self.gathered():  # collective under ZeRO-3: every rank takes part, rank 0 writes
             if not self.args.should_save:
                 return
             save_merged_model(self.model, self.layers, self.strategy.global_lora(), output_dir,
@@ -455,7 +380,7 @@ class FederatedTrainer(Trainer):
         ``card_args`` are ``Trainer.create_model_card``'s (``language``, ``license``, ``tags``,
         ``model_name``, ``finetuned_from``, ``tasks``, ``dataset_tags``, ``dataset``, ``dataset_args``).
         """
-        from .hub import write_model_card
+        from ..persistence.hub import write_model_card
 
         if self.is_world_process_zero():
             write_model_card(self, output_dir or self.args.output_dir, **card_args)
@@ -466,9 +391,9 @@ class FederatedTrainer(Trainer):
         ``original_model`` is the model the run started from, freshly loaded; it is
         wrapped in place. See :func:`fedsmooth_hf.hub.export_lora_adapter`.
         """
-        from .hub import export_lora_adapter
+        from ..persistence.hub import export_lora_adapter
 
-        with self._gathered():
+        with self.gathered():
             return export_lora_adapter(self.model, self.layers, self.strategy.global_lora(), original_model,
                                        output_dir, rank or self.lora_rank, ADAPTER)
 
@@ -479,7 +404,7 @@ class FederatedTrainer(Trainer):
         The repository is ``TrainingArguments.hub_model_id`` (default: the output
         directory's name); ``hub_token`` and ``hub_private_repo`` apply.
         """
-        from .hub import push_output_dir
+        from ..persistence.hub import push_output_dir
 
         self.save_model(self.args.output_dir)
         if not self.args.should_save:

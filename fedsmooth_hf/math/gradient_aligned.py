@@ -12,12 +12,12 @@ import math
 
 import torch
 
+from .factors import Factors
 from .lowrank import truncated_svd
 from .sketch import DenseGradient
 
 __all__ = ["gradient_aligned_factors", "client_init_factors"]
 
-Factors = tuple[torch.Tensor, torch.Tensor]
 
 
 def gradient_aligned_factors(grad, rank: int, gamma: float) -> Factors:

@@ -171,7 +171,7 @@ class PartitionPlotCallback(FederatedCallback):
     def on_federation_begin(self, args, state, control, round, **kwargs):
         if round != 0 or not args.should_save:
             return
-        from .partition import plot_partition
+        from ..data.partition import plot_partition
 
         first = self.client_datasets[0]
         names = getattr(first, "column_names", [])

@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .lowrank_hook import LowRankHook
+from ..math.factors import Factors
+from .offsets import LowRankHook
 
 __all__ = [
     "ADAPTER",
@@ -35,7 +36,6 @@ __all__ = [
     "set_parameters",
 ]
 
-Factors = tuple[torch.Tensor, torch.Tensor]
 #: the adapter name the federation trains
 ADAPTER = "default"
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head")
@@ -63,18 +63,24 @@ def find_target_modules(model: nn.Module, exclude: Sequence[str] = ()) -> list[s
     return names
 
 
-def add_lora(model: nn.Module, fed_args) -> nn.Module:
-    """``model`` with the LoRA adapter ``fed_args`` describes; a ``PeftModel`` is checked and kept as is."""
+def add_lora(model: nn.Module, fed_args, peft_config=None) -> nn.Module:
+    """``model`` with a LoRA adapter: ``peft_config``, else the one ``fed_args``' LoRA fields describe;
+    a ``PeftModel`` is checked and kept as is. Target modules left unset are every ``nn.Linear``
+    but the output head (and ``modules_to_save``)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     fa = fed_args
     if isinstance(model, PeftModel):
-        config = model.peft_config.get(ADAPTER)
-        if not isinstance(config, LoraConfig):
-            raise ValueError("FederatedTrainer needs a PeftModel with a LoRA adapter named 'default'")
-        if config.rank_pattern or config.alpha_pattern:
-            raise ValueError("LoRA rank_pattern/alpha_pattern are not supported: every layer needs the same rank")
+        if peft_config is not None:
+            raise ValueError("FederatedTrainer got a PeftModel and a peft_config: the model already has its LoRA "
+                             "config; pass the base model with peft_config, or the PeftModel alone")
+        _check_lora_config(model.peft_config.get(ADAPTER))
         return model
+    if peft_config is not None:
+        _check_lora_config(peft_config)
+        if peft_config.target_modules is None:
+            peft_config.target_modules = find_target_modules(model, peft_config.modules_to_save or ())
+        return get_peft_model(model, peft_config)
     targets = find_target_modules(model, fa.modules_to_save or ())
     if fa.target_modules:
         wanted = list(fa.target_modules)
@@ -97,6 +103,16 @@ def add_lora(model: nn.Module, fed_args) -> nn.Module:
         modules_to_save=fa.modules_to_save,
     )
     return get_peft_model(model, config)
+
+
+def _check_lora_config(config) -> None:
+    """One LoRA adapter named 'default', one rank for every layer."""
+    from peft import LoraConfig
+
+    if not isinstance(config, LoraConfig):
+        raise ValueError("FederatedTrainer needs a LoRA adapter named 'default' (a peft.LoraConfig)")
+    if config.rank_pattern or config.alpha_pattern:
+        raise ValueError("LoRA rank_pattern/alpha_pattern are not supported: every layer needs the same rank")
 
 
 def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:

@@ -1,0 +1,71 @@
+"""The LoRA config of a federated run: peft's ``LoraConfig`` carrying the method's options.
+
+peft keeps the options of a data-dependent init beside the LoRA config that uses it
+(``LoraConfig(init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(...))``).
+FedSmoothLoRA's client starts are such an init, run at every client round, so its
+options travel the same way::
+
+    peft_config = FederatedLoraConfig(r=8, lora_alpha=16,
+                                      fedsmoothlora_config=FedSmoothLoRAConfig(zeta_mode="cosine"))
+    trainer = FederatedTrainer(model, args, fed_args=fed_args, peft_config=peft_config, ...)
+
+The config is saved with an exported adapter (``adapter_config.json`` records how the
+run's adapters were started); plain peft loads that file and ignores the extra key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from peft import LoraConfig
+
+from ..strategies import FedSmoothLoRAConfig
+
+__all__ = ["FederatedLoraConfig", "resolve_strategy_config"]
+
+
+@dataclass
+class FederatedLoraConfig(LoraConfig):
+    """``peft.LoraConfig`` plus the options of FedSmoothLoRA's client starts.
+
+    Args:
+        fedsmoothlora_config: :class:`~fedsmooth_hf.strategies.FedSmoothLoRAConfig` (or its dict);
+            ``None``: its defaults. Read only when the run's strategy is ``fedsmoothlora``.
+        **kwargs: every ``peft.LoraConfig`` field (``r``, ``lora_alpha``, ``target_modules``,
+            ``init_lora_weights``, ...). With ``target_modules=None`` every ``nn.Linear`` but the
+            output head is adapted, as without a config.
+    """
+
+    fedsmoothlora_config: FedSmoothLoRAConfig | dict | None = field(
+        default=None, metadata={"help": "FedSmoothLoRA's Round-Matching and Gradient-Aligned options."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.fedsmoothlora_config, dict):
+            self.fedsmoothlora_config = FedSmoothLoRAConfig(**self.fedsmoothlora_config)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if self.fedsmoothlora_config is not None:
+            out["fedsmoothlora_config"] = asdict(self.fedsmoothlora_config)
+        return out
+
+
+def resolve_strategy_config(strategy_name: str, lora_config, *sources):
+    """The options of ``strategy_name`` for this run, from the one place the user set them.
+
+    ``lora_config``: the run's LoRA config (a :class:`FederatedLoraConfig` carries them);
+    ``sources``: other holders with a ``strategy_config()`` (``FederatedTrainingArguments``, and the
+    deprecated keywords of ``FederatedArguments``). Set in two places, they must agree.
+    """
+    given = [c for c in (getattr(lora_config, f"{strategy_name}_config", None),
+                         *(s.strategy_config() for s in sources if hasattr(s, "strategy_config"))) if c is not None]
+    if not given:
+        return None
+    if any(c != given[0] for c in given[1:]):
+        raise ValueError(
+            f"the options of strategy '{strategy_name}' are given twice and differ: {given[0]} vs {given[1]}; "
+            f"set them once (the LoRA config's {strategy_name}_config, or the arguments' fields)"
+        )
+    return given[0]
