@@ -45,12 +45,15 @@ demo: $(DEMO_STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --num_processes 1 --cpu recipes/nlg_llama.py --save_rounds -1
 
 test: $(TEST_STAMP)
+	# the layer map (docs/architecture.md) as import-linter contracts (pyproject.toml)
+	$(VENV)/bin/lint-imports
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 test-all: $(TEST_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "slow or not slow" tests
 
 lint: $(TEST_STAMP)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check fedsmooth_hf tests recipes benchmarks
 
 # A wheel of the package alone (pip's own builder: no extra tool); install it with

@@ -35,12 +35,12 @@ setup(
         # cryptography: TLS certificates and SuperNode keys
         "flower": ["flwr[simulation]>=1.42", "cryptography"],
         "recipes": ["gguf>=0.10", "matplotlib", "scikit-learn", "sentencepiece"],
-        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.5", "matplotlib", "scikit-learn", "gguf>=0.10",
+        # import-linter: the layer contracts of pyproject.toml, checked by `make test`
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.5", "import-linter>=2.1", "matplotlib", "scikit-learn", "gguf>=0.10",
                 "flwr[simulation]>=1.42", "cryptography"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
-        "License :: OSI Approved :: Apache Software License",
     ],
 )
