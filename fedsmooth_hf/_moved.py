@@ -29,13 +29,13 @@ MOVED = {
     "distributed": ("model.distributed",),
     "lowrank_hook": ("model.offsets",),
     "client_rank": ("model.client_rank", "math.lowrank"),
-    "partition": ("data.partition",),
+    "partition": ("data.partition", "data.summary"),
     "executor": ("engine.executor", "engine.result"),
     "rounds": ("engine.rounds", "engine.sequential", "engine.client_parallel", "engine.executor", "engine.result"),
     "local_round": ("engine.local_round",),
     "client_eval": ("engine.client_eval",),
     "callbacks": ("engine.callbacks",),
-    "checkpoint": ("persistence.checkpoint",),
+    "checkpoint": ("persistence.checkpoint", "persistence.checkpoint_checks", "persistence.model_state"),
     "hub": ("persistence.hub",),
 }
 PACKAGE = __name__.rsplit(".", 1)[0]

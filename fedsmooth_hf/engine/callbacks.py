@@ -162,7 +162,7 @@ class RoundPrinterCallback(FederatedCallback):
 
 class PartitionPlotCallback(FederatedCallback):
     """Saves ``output_dir/partition.png`` when a federation starts from round 0: the clients' split
-    at a glance (:func:`fedsmooth_hf.partition.plot_partition`). ``FederatedTrainer`` adds it when it
+    at a glance (:func:`fedsmooth_hf.data.summary.plot_partition`). ``FederatedTrainer`` adds it when it
     split ``train_dataset`` itself; without matplotlib it says so once and draws nothing."""
 
     def __init__(self, client_datasets, column: str | None, method: str):
@@ -171,7 +171,7 @@ class PartitionPlotCallback(FederatedCallback):
     def on_federation_begin(self, args, state, control, round, **kwargs):
         if round != 0 or not args.should_save:
             return
-        from ..data.partition import plot_partition
+        from ..data.summary import plot_partition
 
         first = self.client_datasets[0]
         names = getattr(first, "column_names", [])

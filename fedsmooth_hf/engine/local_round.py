@@ -60,7 +60,8 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
 
 
 def local_round_overrides(local_steps: int, learning_rate: float) -> dict:
-    """What a local round sets on the user's ``TrainingArguments`` (``max_steps`` also makes ``num_train_epochs`` unused)."""
+    """What a local round sets on the user's ``TrainingArguments`` (``max_steps`` also makes
+    ``num_train_epochs`` unused)."""
     return {
         "max_steps": local_steps,
         "learning_rate": learning_rate,
@@ -101,7 +102,8 @@ def announce_overrides(args: TrainingArguments, fed_args) -> None:
     if conflicts:
         logger.warning(
             "TrainingArguments replaced in every client round (the run: %s): %s",
-            plan, "; ".join(f"{name}={value!r} -> use {FEDERATED_EQUIVALENTS[name]}" for name, value in conflicts.items()),
+            plan,
+        "; ".join(f"{name}={value!r} -> use {FEDERATED_EQUIVALENTS[name]}" for name, value in conflicts.items()),
         )
 
 

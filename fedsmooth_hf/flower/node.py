@@ -121,7 +121,8 @@ class ClientNode:
 
         self._adopt_initial_adapter(load_arrays(str(self.state_dir / INIT_FILE)))
         for k in range(int(saved["applied"])):
-            update, extras = arrays_to_update(k, load_arrays(str(self.state_dir / UPDATES_DIR / f"update-{k}.safetensors")))
+            update, extras = arrays_to_update(
+                k, load_arrays(str(self.state_dir / UPDATES_DIR / f"update-{k}.safetensors")))
             self.trainer.apply_server_update(update, extras)
         self.trainer.strategy.load_state_dict(load_tensors(str(self.state_dir / STRATEGY_FILE)))
         self.trainer.load_global_adapter()
@@ -170,7 +171,8 @@ class ClientNode:
             diff = {k: (theirs[k], expected[k]) for k in expected if theirs[k] != expected[k]}
             raise ValueError(f"client {self.client}: server and client disagree on (server, client) {diff}")
         if str(config["run_token"]) != self.run_token:
-            raise RuntimeError(f"client {self.client} serves run {self.run_token}, got a message of run {config['run_token']}")
+            raise RuntimeError(
+                f"client {self.client} serves run {self.run_token}, got a message of run {config['run_token']}")
         init = {k: v for k, v in arrays.items() if k.startswith("init/")}
         if init and self.applied == 0 and not self.has_initial_adapter:
             self._adopt_initial_adapter(init)

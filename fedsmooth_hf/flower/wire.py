@@ -44,7 +44,8 @@ def arrays_to_factors(prefix: str, arrays: Mapping[str, np.ndarray]) -> dict:
 
 
 def upload_to_arrays(strategy, client: int, upload) -> dict[str, np.ndarray]:
-    """A client's upload in the strategy's wire form (:meth:`~fedsmooth_hf.strategies.FederatedStrategy.encode_upload`)."""
+    """A client's upload in the strategy's wire form
+    (:meth:`~fedsmooth_hf.strategies.FederatedStrategy.encode_upload`)."""
     return {k: _to_numpy(v) for k, v in strategy.encode_upload(client, upload).items()}
 
 

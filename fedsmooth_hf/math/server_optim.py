@@ -48,7 +48,8 @@ DEFAULT_LR = {"none": 1.0, "avgm": 1.0, "adam": 1e-2, "yogi": 1e-2, "adagrad": 1
 
 
 class ServerOptimizer:
-    """One of :data:`SERVER_OPTIMIZERS` with its state; :meth:`step` rewrites a server update (``merge``, ``global_lora``)."""
+    """One of :data:`SERVER_OPTIMIZERS` with its state; :meth:`step` rewrites a server update
+    (``merge``, ``global_lora``)."""
 
     def __init__(self, name: str = "none", lr: float | None = None, momentum: float = 0.9,
                  betas: tuple[float, float] = (0.9, 0.99), tau: float = 1e-3, rank: int = 8):

@@ -17,20 +17,18 @@ half-written one under a ``round-<k>`` name. Leftover temporaries are ignored by
 
 Loading never trusts the files: a missing, truncated or corrupt file, a tensor
 with the wrong name, shape or dtype, or arguments that differ from the running
-job raise :class:`CheckpointError` (a ``ValueError``) naming the file or the key.
+job raise :class:`CheckpointError` (a ``ValueError``) naming the file or the key
+(the checks: :mod:`.checkpoint_checks`; what of the model is saved: :mod:`.model_state`).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
-from collections.abc import Mapping
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -38,22 +36,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..strategies.fedsmoothlora.config import FedSmoothLoRAConfig
-
-__all__ = [
-    "CheckpointError",
-    "save_checkpoint",
-    "load_checkpoint",
-    "latest_checkpoint",
-    "check_resumable",
-    "check_model_tensors",
-    "check_strategy_tensors",
-    "model_tensors",
-    "check_model_checkpoint",
-    "restore_model_tensors",
-    "rng_state",
-    "set_rng_state",
-]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state",
+           "MODEL_FILE", "STRATEGY_FILE", "STATE_FILE"]
 
 MODEL_FILE = "model.safetensors"
 STRATEGY_FILE = "strategy.safetensors"
@@ -62,11 +46,6 @@ TENSOR_FILES = (MODEL_FILE, STRATEGY_FILE)
 _ROUND_DIR = re.compile(r"^round-(\d+)$")
 _TEMPORARY_DIR = re.compile(r"^\.round-\d+\.(tmp|old)-\d+$")
 _HASH_CHUNK = 1 << 20
-
-
-#: ``FederatedArguments`` fields of checkpoints written before FedSmoothLoRA's options moved to
-#: ``FedSmoothLoRAConfig``; they are compared with the strategy's options instead
-MOVED_TO_STRATEGY = frozenset(f.name for f in fields(FedSmoothLoRAConfig))
 
 
 class CheckpointError(ValueError):
@@ -255,179 +234,3 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if complete and (best is None or int(m.group(1)) > best[0]):
             best = (int(m.group(1)), child)
     return None if best is None else best[1]
-
-
-# ---------------------------------------------------------------------- validation
-def check_resumable(path, state: dict, fed_args: Mapping, seed: int, may_change: set[str],
-                    strategy: Mapping | None = None) -> None:
-    """Refuse to resume a run whose ``FederatedArguments`` (beyond ``may_change``), strategy options
-    (``strategy``: its ``describe()``) or seed differ."""
-    saved = {k: v for k, v in state["fed_args"].items() if k not in MOVED_TO_STRATEGY}
-    for key, value in fed_args.items():
-        if key not in may_change and key in saved and saved[key] != value:
-            raise CheckpointError(
-                f"checkpoint {path} was written with FederatedArguments.{key}={saved[key]!r}, "
-                f"but this run has {value!r}"
-            )
-    unknown = sorted(set(saved) - set(fed_args))
-    if unknown:
-        raise CheckpointError(f"checkpoint {path}: unknown FederatedArguments field '{unknown[0]}' in {STATE_FILE}")
-    if strategy is not None:  # older checkpoints kept the method's options among the FederatedArguments
-        before = {**{k: v for k, v in state["fed_args"].items() if k in MOVED_TO_STRATEGY}, **state.get("strategy", {})}
-        for key, value in strategy.items():
-            if key not in may_change and key in before and before[key] != value:
-                raise CheckpointError(
-                    f"checkpoint {path} was written with the strategy option {key}={before[key]!r}, "
-                    f"but this run has {value!r}"
-                )
-    if state.get("seed", seed) != seed:
-        raise CheckpointError(
-            f"checkpoint {path} was written with TrainingArguments.seed={state['seed']}, this run has {seed}"
-        )
-
-
-def _check_tensor(path, file: str, key: str, tensor: torch.Tensor, shape: tuple, dtypes) -> None:
-    if tuple(tensor.shape) != tuple(shape) or tensor.dtype not in dtypes:
-        wanted = " or ".join(str(d) for d in dtypes)
-        raise CheckpointError(
-            f"checkpoint {path}: {file} '{key}' is {tuple(tensor.shape)} {tensor.dtype}, "
-            f"the model needs {tuple(shape)} {wanted}"
-        )
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise CheckpointError(f"checkpoint {path}: {file} '{key}' contains NaN or Inf")
-
-
-def check_model_tensors(
-    path,
-    tensors: Mapping[str, torch.Tensor],
-    expected: Mapping[str, torch.Tensor],
-    residual_shapes: Mapping[str, tuple[int, int]],
-) -> None:
-    """``model.safetensors`` holds exactly the model's keys, with its shapes and dtypes.
-
-    ``expected`` are the tensors the model would save now (``base/*``, ``extra/*``);
-    ``residual/<layer>/{B,A}`` keys (the merged update kept beside a 4-bit or
-    half-precision base) are optional, of any rank, and allowed only for the layers in
-    ``residual_shapes`` (``name -> (d_out, d_in)``).
-    """
-    for key, tensor in tensors.items():
-        if key.startswith("residual/"):
-            layer, _, factor = key[len("residual/"):].rpartition("/")
-            if layer not in residual_shapes or factor not in ("A", "B"):
-                raise CheckpointError(f"checkpoint {path}: {MODEL_FILE} has unknown tensor '{key}'")
-            partner = f"residual/{layer}/{'A' if factor == 'B' else 'B'}"
-            if partner not in tensors:
-                raise CheckpointError(f"checkpoint {path}: {MODEL_FILE} has '{key}' but lacks '{partner}'")
-            d_out, d_in = residual_shapes[layer]
-            B = tensors[f"residual/{layer}/B"]
-            rank = B.shape[1] if B.dim() == 2 else -1  # a malformed B then fails its own shape check
-            shape = (d_out, rank) if factor == "B" else (rank, d_in)
-            _check_tensor(path, MODEL_FILE, key, tensor, shape, (torch.float32,))
-            continue
-        if key not in expected:
-            raise CheckpointError(
-                f"checkpoint {path}: {MODEL_FILE} has unknown tensor '{key}' (different model or target_modules?)"
-            )
-        _check_tensor(path, MODEL_FILE, key, tensor, expected[key].shape, (expected[key].dtype,))
-    missing = [k for k in expected if not k.startswith("residual/") and k not in tensors]
-    if missing:
-        raise CheckpointError(f"checkpoint {path}: {MODEL_FILE} lacks tensor '{missing[0]}' ({len(missing)} missing)")
-
-
-def check_strategy_tensors(path, tensors: Mapping[str, torch.Tensor], strategy) -> None:
-    """``strategy.safetensors`` holds complete ``<prefix>/<layer>/{B,A}`` pairs the strategy reads back.
-
-    Every pair must name an adapted layer, have the layer's shapes at rank r (or a
-    smaller rank, for a client of ``client_ranks``) and float32 (or the adapter's) dtype; every prefix must cover all layers; and loading the tensors
-    into a shallow copy of ``strategy`` and saving them again must give the same
-    keys, so a key the strategy would silently ignore is reported too.
-    """
-    init = strategy.init_lora
-    prefixes: dict[str, set[str]] = {}
-    for key, tensor in tensors.items():
-        parts = key.split("/")
-        prefix, layer, factor = parts[0], "/".join(parts[1:-1]), parts[-1]
-        if len(parts) < 3 or factor not in ("A", "B") or layer not in init:
-            raise CheckpointError(f"checkpoint {path}: {STRATEGY_FILE} has unknown tensor '{key}'")
-        partner = f"{prefix}/{layer}/{'A' if factor == 'B' else 'B'}"
-        if partner not in tensors:
-            raise CheckpointError(f"checkpoint {path}: {STRATEGY_FILE} has '{key}' but lacks '{partner}'")
-        ref = init[layer][0 if factor == "B" else 1]
-        shape = tuple(ref.shape)
-        inner = tensor.shape[1 if factor == "B" else 0] if tensor.dim() == 2 else -1
-        if 1 <= inner <= shape[1 if factor == "B" else 0]:  # a client of a smaller rank (client_ranks)
-            shape = (shape[0], inner) if factor == "B" else (inner, shape[1])
-        _check_tensor(path, STRATEGY_FILE, key, tensor, shape, {torch.float32, ref.dtype})
-        prefixes.setdefault(prefix, set()).add(layer)
-    for key, tensor in tensors.items():  # the shapes are right one by one; now B and A of a pair must agree
-        if key.endswith("/B") and tensor.shape[1] != tensors[key[:-1] + "A"].shape[0]:
-            raise CheckpointError(f"checkpoint {path}: {STRATEGY_FILE} '{key}' and its '/A' have different ranks")
-    for prefix, layers in prefixes.items():
-        absent = sorted(set(init) - layers)
-        if absent:
-            raise CheckpointError(f"checkpoint {path}: {STRATEGY_FILE} lacks '{prefix}/{absent[0]}/B' and '/A'")
-    probe = copy.copy(strategy)
-    probe.load_state_dict(dict(tensors))
-    ignored = sorted(set(tensors) - set(probe.state_dict()))
-    if ignored:
-        raise CheckpointError(
-            f"checkpoint {path}: {STRATEGY_FILE} has tensor '{ignored[0]}' that strategy "
-            f"'{strategy.name}' does not use (written by another strategy?)"
-        )
-
-
-def restore_rng_state(path, state: dict) -> None:
-    """:func:`set_rng_state` with a malformed ``rng`` entry reported as a checkpoint error."""
-    try:
-        set_rng_state(state["rng"])
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} 'rng' is malformed ({err!r})") from None
-
-
-# ---------------------------------------------------------------------- the model's tensors
-def model_tensors(layers: Mapping[str, torch.nn.Module], extras: Mapping[str, torch.Tensor]) -> dict:
-    """What a round changes in the model, under ``model.safetensors``' keys.
-
-    ``base/<layer>`` (an unquantized base weight), ``residual/<layer>/{B,A}`` (the merged
-    update kept beside a quantized base) and ``extra/<name>`` (``modules_to_save`` values).
-    """
-    from ..model.merge import base_residual, is_quantized
-
-    tensors = {}
-    for name, layer in layers.items():
-        base = layer.get_base_layer()
-        if not is_quantized(base):
-            tensors[f"base/{name}"] = base.weight.detach()
-        res = base_residual(layer)
-        if res is not None and res.B is not None:
-            tensors[f"residual/{name}/B"] = res.B
-            tensors[f"residual/{name}/A"] = res.A
-    for n, v in extras.items():
-        tensors[f"extra/{n}"] = v
-    return tensors
-
-
-def check_model_checkpoint(path, tensors: Mapping[str, torch.Tensor], layers, extras) -> None:
-    """:func:`check_model_tensors` against what ``layers`` and ``extras`` would save now."""
-    from ..model.merge import keeps_residual
-
-    residual_shapes = {n: (layer.out_features, layer.in_features) for n, layer in layers.items()
-                       if keeps_residual(layer.get_base_layer())}
-    check_model_tensors(path, tensors, model_tensors(layers, extras), residual_shapes)
-
-
-@torch.no_grad()
-def restore_model_tensors(layers: Mapping[str, torch.nn.Module], tensors: Mapping[str, torch.Tensor]) -> dict:
-    """Write checked :func:`model_tensors` back into ``layers``; returns the ``extra/`` values by name."""
-    from ..model.merge import ensure_base_residual
-
-    for name, layer in layers.items():
-        key = f"base/{name}"
-        if key in tensors:
-            layer.get_base_layer().weight.copy_(tensors[key])
-        if f"residual/{name}/B" in tensors:
-            res = ensure_base_residual(layer)
-            device = layer.get_base_layer().weight.device
-            res.B = tensors[f"residual/{name}/B"].to(device)
-            res.A = tensors[f"residual/{name}/A"].to(device)
-    return {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}

@@ -127,8 +127,14 @@ def export_lora_adapter(
     output_dir: str | os.PathLike,
     rank: int,
     adapter_name: str = "default",
+    config_class: type | None = None,
+    config_fields: Mapping | None = None,
 ) -> Path:
     """Save the cumulative update ``merged - original`` as a rank-``rank`` PEFT LoRA adapter.
+
+    ``config_class`` (default ``peft.LoraConfig``) and ``config_fields`` make its config: the
+    trainer records there how the run's clients were started (``FederatedLoraConfig`` with the
+    FedSmoothLoRA options); plain peft loads it and ignores the fields it does not know.
 
     ``original_model`` is the model training started from (e.g. reloaded with
     ``from_pretrained``); it is wrapped in place with the exported adapter. Each
@@ -146,12 +152,13 @@ def export_lora_adapter(
         if min(layers[name].out_features, layers[name].in_features) < rank:
             raise ValueError(f"rank={rank} exceeds the dimensions of layer '{rel}'")
     train_config = peft_model.peft_config[adapter_name]
-    config = LoraConfig(
+    config = (config_class or LoraConfig)(
         r=rank,
         lora_alpha=rank,  # scale 1: the factors carry the update
         target_modules=sorted(rel_names.values()),
         modules_to_save=train_config.modules_to_save,
         init_lora_weights=True,
+        **(config_fields or {}),
     )
     exported = get_peft_model(original_model, config)
     wanted = set(rel_names.values())

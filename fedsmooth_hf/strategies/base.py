@@ -29,7 +29,8 @@ import torch
 from ..math.factors import UPLOAD_PREFIX, Factors, ModuleFactors, flatten_factors, unflatten_factors
 from ..math.lowrank import pad_factors, stack_factors, truncate_factors, truncated_svd
 
-__all__ = ["UPLOAD_PREFIX", "StrategyOptionError", "ClientStart", "ServerUpdate", "FederatedStrategy", "GlobalAdapterStrategy", "flatten_factors",
+__all__ = ["UPLOAD_PREFIX", "Factors", "ModuleFactors", "StrategyOptionError", "ClientStart", "ServerUpdate",
+           "FederatedStrategy", "GlobalAdapterStrategy", "flatten_factors",
            "unflatten_factors", "normalize_weights", "check_upload", "weighted_factor_mean", "product_sum",
            "truncated_product_mean"]
 
@@ -203,7 +204,8 @@ class FederatedStrategy:
         ranks = ranks if isinstance(ranks, Mapping) else dict(enumerate(ranks))
         bad = sorted({r for r in ranks.values() if not 1 <= r <= self.rank})
         if bad:
-            raise StrategyOptionError("client_ranks", f"every client rank must lie in [1, lora_r={self.rank}], got {bad}")
+            raise StrategyOptionError("client_ranks",
+                                      f"every client rank must lie in [1, lora_r={self.rank}], got {bad}")
         self._client_ranks = {c: int(r) for c, r in ranks.items() if r != self.rank}
 
     def client_rank(self, client: int) -> int:

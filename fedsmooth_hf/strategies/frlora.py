@@ -26,10 +26,11 @@ class FRLoRA(FederatedStrategy):
             merged = product_sum(uploads, w, extra=self.init_lora, extra_weight=-1.0)
         else:  # each client's change relative to its own start
             starts = {c: self._at_client_rank(c, self.init_lora) for c in uploads}
-            merged = {name: stack_factors([uploads[c][name][0] for c in uploads] + [starts[c][name][0] for c in uploads],
-                                          [uploads[c][name][1] for c in uploads] + [starts[c][name][1] for c in uploads],
-                                          [w[c] for c in uploads] + [-w[c] for c in uploads])
-                      for name in self.init_lora}
+            merged = {name: stack_factors(
+                [uploads[c][name][0] for c in uploads] + [starts[c][name][0] for c in uploads],
+                [uploads[c][name][1] for c in uploads] + [starts[c][name][1] for c in uploads],
+                [w[c] for c in uploads] + [-w[c] for c in uploads])
+                for name in self.init_lora}
         return ServerUpdate(merge=merged, global_lora=self.init_lora)
 
     def global_lora(self):

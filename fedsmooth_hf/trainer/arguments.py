@@ -50,7 +50,9 @@ class FederatedArguments:
         metadata={"help": "Optimizer steps per client per round (TrainingArguments.max_steps of each local round)."},
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank r (ignored if the model is already a PeftModel)."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the scale is alpha/r (alpha/sqrt(r) with rsLoRA)."})
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "LoRA alpha; the scale is alpha/r (alpha/sqrt(r) with rsLoRA)."}
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilized LoRA scaling alpha/sqrt(r)."})
     target_modules: list[str] | None = field(
@@ -74,7 +76,8 @@ class FederatedArguments:
     )
     partition_column: str | None = field(
         default=None,
-        metadata={"help": "Column to split by: the category for 'column', the label for 'dirichlet' (default label/labels)."},
+        metadata={"help": "Column to split by: the category for 'column', the label for 'dirichlet' "
+                          "(default label/labels)."},
     )
     client_ranks: list[int] = field(
         default_factory=list,
@@ -95,7 +98,8 @@ class FederatedArguments:
     server_optimizer: str = field(
         default="none",
         metadata={"help": "Server step on the round's pseudo-gradient (aggregate - current): none, avgm, adam, yogi, "
-                          "adagrad. Strategies that merge a low-rank product (all but fedit, ffa_lora) take avgm only."},
+                          "adagrad. Strategies that merge a low-rank product (all but fedit, ffa_lora) take avgm "
+                          "only."},
     )
     server_lr: float | None = field(
         default=None, metadata={"help": "Server learning rate (default: 1.0 for avgm, 0.01 for adam/yogi/adagrad)."}
@@ -267,7 +271,8 @@ class FederatedTrainingArguments(TrainingArguments, FederatedArguments, FedSmoot
         return None if config == FedSmoothLoRAConfig() else config
 
 
-def resolve_federated_arguments(args: TrainingArguments | None, fed_args: FederatedArguments | None) -> FederatedArguments:
+def resolve_federated_arguments(args: TrainingArguments | None,
+                                fed_args: FederatedArguments | None) -> FederatedArguments:
     """The run's ``FederatedArguments``, from ``fed_args`` or from a ``FederatedTrainingArguments``, never both."""
     if isinstance(args, FederatedTrainingArguments):
         if fed_args is not None:

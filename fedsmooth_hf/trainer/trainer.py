@@ -38,7 +38,6 @@ from ..engine.rounds import (
     sample_clients,
 )
 from ..engine.sequential import SequentialExecutor
-from ..math.server_optim import split_optimizer_tensors
 from ..model.adapter import (
     ADAPTER,
     add_lora,
@@ -54,21 +53,11 @@ from ..model.distributed import gathered, is_zero3, world
 from ..model.gradients import warn_small_calibration
 from ..model.merge import first_non_finite, keep_quantized_layers_differentiable, merge_into_base
 from ..model.proximal import ProximalTerm, check_proximal_supported, with_proximal_term
-from ..persistence.checkpoint import (
-    check_model_checkpoint,
-    check_resumable,
-    check_strategy_tensors,
-    latest_checkpoint,
-    load_checkpoint,
-    model_tensors,
-    restore_model_tensors,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-)
+from ..persistence.checkpoint import latest_checkpoint
+from ..persistence.model_state import load_round, save_round
 from ..strategies import FederatedStrategy, ServerUpdate, strategy_from_options
 from .arguments import FederatedArguments, resolve_federated_arguments
-from .lora_config import resolve_strategy_config
+from .lora_config import FederatedLoraConfig, resolve_strategy_config
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +150,8 @@ class FederatedTrainer(Trainer):
             yield self.model
 
     def gathered(self, modify: bool = False):
-        """Whole parameters under ZeRO-3, for the ``with`` block (see :func:`fedsmooth_hf.model.distributed.gathered`)."""
+        """Whole parameters under ZeRO-3, for the ``with`` block
+        (see :func:`fedsmooth_hf.model.distributed.gathered`)."""
         return gathered(self.model, modify) if self._zero3 else contextlib.nullcontext()
 
     def sample_clients(self, round_idx: int) -> list[int]:
@@ -223,13 +213,15 @@ class FederatedTrainer(Trainer):
             round_number, client = self.round_context
             step = self.state.global_step + 1
             if not torch.isfinite(loss).all():
-                raise ClientTrainingError(round_number, client, f"non-finite training loss ({loss.item()}) at local step {step}")
+                raise ClientTrainingError(round_number, client,
+                                         f"non-finite training loss ({loss.item()}) at local step {step}")
             # fp16 loss scaling expects inf gradients now and then and skips those steps itself
             if getattr(self.accelerator, "scaler", None) is None:
                 grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
                 bad = first_non_finite(grads)
                 if bad is not None:
-                    raise ClientTrainingError(round_number, client, f"non-finite gradient of '{bad}' at local step {step}")
+                    raise ClientTrainingError(round_number, client,
+                                             f"non-finite gradient of '{bad}' at local step {step}")
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -298,7 +290,8 @@ class FederatedTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
               executor: ClientExecutor | None = None, **kwargs):
         """Run the federated rounds (:class:`~fedsmooth_hf.rounds.RoundEngine`); ``resume_from_checkpoint``
-        continues after a saved round; ``executor`` runs each round's clients (default: sequential or client-parallel)."""
+        continues after a saved round; ``executor`` runs each round's clients (default: sequential or
+        client-parallel)."""
         start_round = 0
         if resume_from_checkpoint:
             path = latest_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
@@ -322,33 +315,18 @@ class FederatedTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
     def save_federated_checkpoint(self, round_number: int) -> Path | None:
         """Write ``output_dir/round-<k>`` (process 0 only); safe against a kill at any point."""
-        with self.gathered():  # collective under ZeRO-3: every rank takes part
-            tensors = model_tensors(self.layers, self.extra_parameters())
-        if not self.args.should_save:
-            return None
         state = {"fed_args": self.fed_args.to_dict(), "seed": self.args.seed, "strategy": self.strategy.describe(),
-                 "round_history": self.round_history, "step_offset": self._step_offset, "rng": rng_state()}
-        return save_checkpoint(self.args.output_dir, round_number, tensors,
-                               {**self.strategy.state_dict(), **self.server_optimizer.state_dict()}, state)
+                 "round_history": self.round_history, "step_offset": self._step_offset}
+        return save_round(self, round_number, state)
 
-    @torch.no_grad()
     def load_federated_checkpoint(self, path) -> int:
         """Restore a ``round-<k>`` checkpoint (checked before anything changes); returns k, the completed rounds."""
-        with self.gathered(modify=True):
-            tensors, strategy_tensors, state = load_checkpoint(path)
-            check_resumable(path, state, self.fed_args.to_dict(), self.args.seed, _RESUMABLE_CHANGES,
-                            self.strategy.describe())
-            check_model_checkpoint(path, tensors, self.layers, self.extra_parameters())
-            optimizer_tensors = split_optimizer_tensors(strategy_tensors)
-            check_strategy_tensors(path, strategy_tensors, self.strategy)
-            restore_rng_state(path, state)
-            set_parameters(self.model, restore_model_tensors(self.layers, tensors))
-            self.strategy.load_state_dict(strategy_tensors)
-            self.server_optimizer.load_state_dict(optimizer_tensors)
-            self.round_history = list(state.get("round_history", []))
-            self._step_offset = int(state.get("step_offset", 0))
+        state = load_round(self, path, _RESUMABLE_CHANGES)
+        self.round_history = list(state.get("round_history", []))
+        self._step_offset = int(state.get("step_offset", 0))
+        with self.gathered(modify=True), torch.no_grad():
             self.load_global_adapter()
-            return int(state["round"])
+        return int(state["round"])
 
     # ------------------------------------------------------------------ export
     def merged_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -386,16 +364,19 @@ class FederatedTrainer(Trainer):
             write_model_card(self, output_dir or self.args.output_dir, **card_args)
 
     def export_adapter(self, original_model: nn.Module, output_dir: str, rank: int | None = None) -> Path:
-        """Save what federated training changed as a PEFT LoRA adapter of rank ``rank`` (default lora_r).
+        """Save what federated training changed as a PEFT LoRA adapter of rank ``rank`` (default lora_r),
+        its config a :class:`FederatedLoraConfig` that records the method's options (plain peft loads it).
 
         ``original_model`` is the model the run started from, freshly loaded; it is
-        wrapped in place. See :func:`fedsmooth_hf.hub.export_lora_adapter`.
+        wrapped in place. See :func:`fedsmooth_hf.persistence.hub.export_lora_adapter`.
         """
         from ..persistence.hub import export_lora_adapter
 
+        method = getattr(self.strategy, "config", None)
+        fields = {f"{self.strategy.name}_config": method} if method is not None else {}
         with self.gathered():
             return export_lora_adapter(self.model, self.layers, self.strategy.global_lora(), original_model,
-                                       output_dir, rank or self.lora_rank, ADAPTER)
+                                       output_dir, rank or self.lora_rank, ADAPTER, FederatedLoraConfig, fields)
 
     def push_to_hub(self, commit_message: str | None = "End of federated training", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, **kwargs) -> str:

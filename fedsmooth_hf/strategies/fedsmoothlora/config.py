@@ -53,8 +53,9 @@ class FedSmoothLoRAConfig:
     zeta: float = field(default=1.0, metadata={"help": "Round-Matching weight zeta (0 disables Round-Matching)."})
     zeta_mode: str = field(
         default="auto",
-        metadata={"help": "FedSmoothLoRA: Round-Matching schedule over rounds, auto, constant or cosine. auto: constant "
-                          "for an IID partition, cosine (to min_zeta) for any other split or user-given client_datasets."},
+        metadata={"help": "FedSmoothLoRA: Round-Matching schedule over rounds, auto, constant or cosine. auto: "
+                          "constant for an IID partition, cosine (to min_zeta) for any other split or user-given "
+                          "client_datasets."},
     )
     min_zeta: float = field(default=0.0, metadata={"help": "Final zeta of the cosine schedule."})
     stale_round_matching: str = field(
