@@ -2,7 +2,7 @@
 
 A :class:`FederatedCallback` is an ordinary ``transformers.TrainerCallback`` (so
 ``on_log``, ``on_step_end`` ... keep firing inside every local round) with four
-more events the round loop (:mod:`fedsmooth_hf.rounds`) calls::
+more events the round loop (:mod:`fedsmooth_hf.engine.rounds`) calls::
 
     on_federation_begin(args, state, control, round)
     on_round_begin(args, state, control, round, clients)

@@ -12,7 +12,7 @@ So every way of running produces the same round records, logs and callbacks.
 The loop talks to the trainer only through its public methods and steers like
 ``transformers.Trainer``: round events receive a :class:`~transformers.TrainerControl`
 and may return it; ``should_evaluate``/``should_save`` (set by the schedule,
-:class:`~fedsmooth_hf.callbacks.FederatedFlowCallback`, or any callback) are read
+:class:`~fedsmooth_hf.engine.callbacks.FederatedFlowCallback`, or any callback) are read
 after the round's merge, ``should_training_stop`` after its ``on_round_end``.
 """
 

@@ -1,7 +1,7 @@
 """What crosses the wire: LoRA factors and small metadata as named float32 arrays.
 
 Keys are ``<prefix>/<module>/B`` and ``<prefix>/<module>/A`` (the package's one factor
-codec, :mod:`fedsmooth_hf.factor_keys`; ``<prefix>/<name>`` for ``modules_to_save``
+codec, :mod:`fedsmooth_hf.math.factors`; ``<prefix>/<name>`` for ``modules_to_save``
 values). The base model never travels: per client and round the upload is the
 strategy's wire form of its factors (``encode_upload``): ``r * (d_in + d_out)``
 float32 numbers per adapted module, ``r * d_out`` for FFA-LoRA (only B). A reply carries the upload,

@@ -1,8 +1,8 @@
 """Gradient-Aligned client starts (LoRA-GA "ArB2r", stable scale) and their Round-Matching variant.
 
-Pure factor math next to :mod:`fedsmooth_hf.lowrank`: a layer's gradient (or an
+Pure factor math next to :mod:`fedsmooth_hf.math.lowrank`: a layer's gradient (or an
 estimate of it) in, LoRA factors out. Where the factors go (a PEFT adapter, a frozen
-offset) is :mod:`fedsmooth_hf.adapter`'s business; which client starts where is the
+offset) is :mod:`fedsmooth_hf.model.adapter`'s business; which client starts where is the
 strategy's (``strategies/fedsmoothlora.py``).
 """
 

@@ -2,7 +2,7 @@
 
 Wrap a model with LoRA (:func:`add_lora`, target layers found by type), read and write
 the adapter's factors, attach frozen low-rank offsets (a forward hook,
-:class:`~fedsmooth_hf.lowrank_hook.LowRankHook`) and put a client's start into the
+:class:`~fedsmooth_hf.model.offsets.LowRankHook`) and put a client's start into the
 model. A FedSmoothLoRA client starts with ``LoRA (B, A) = SVD_r(B_ga A_ga + W_rm)`` and
 frozen weight ``W - s B_ga A_ga``; the frozen part is never written into ``W`` (that would
 need a copy of the base to undo, and cannot be done losslessly to a 4-bit weight), it is

@@ -62,7 +62,7 @@ def keeps_residual(base: nn.Module) -> bool:
 class BaseResidual(LowRankHook):
     """Full-precision low-rank update ``B_r @ A_r`` kept beside a quantized base layer.
 
-    Its hook (:class:`~fedsmooth_hf.lowrank_hook.LowRankHook`) makes the layer compute
+    Its hook (:class:`~fedsmooth_hf.model.offsets.LowRankHook`) makes the layer compute
     ``Q(W) + B_r A_r (+ LoRA)``. Each merge appends the new factors exactly; when the
     stacked rank exceeds ``max_rank`` it is re-compressed with an exact truncated SVD
     (the best approximation of that rank; the discarded energy is reported).

@@ -2,7 +2,7 @@
 
 Two things need a low-rank change of a layer's weight that is not a parameter: a
 client's frozen offset (``- s B_ga A_ga``, for one local round) and the merged updates
-kept beside a quantized base (:class:`~fedsmooth_hf.merge.BaseResidual`). A hook is
+kept beside a quantized base (:class:`~fedsmooth_hf.model.merge.BaseResidual`). A hook is
 exact to remove, receives no gradient, never appears in the state dict and never
 touches the base weight, so it also works on 4-bit layers.
 """

@@ -206,7 +206,7 @@ class FederatedArguments:
         return FedSmoothLoRAConfig(**moved)
 
     def make_server_optimizer(self, strategy):
-        """The :class:`~fedsmooth_hf.server_optim.ServerOptimizer` these arguments describe, for ``strategy``
+        """The :class:`~fedsmooth_hf.math.server_optim.ServerOptimizer` these arguments describe, for ``strategy``
         (momentum at its rank; a combination without a factored form is refused)."""
         from ..math.server_optim import ServerOptimizer
 

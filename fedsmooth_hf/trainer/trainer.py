@@ -74,7 +74,7 @@ class FederatedTrainer(Trainer):
         model: a ``PreTrainedModel`` (LoRA is added from ``fed_args``) or a ``peft.PeftModel``
             with a LoRA adapter (its ``LoraConfig`` is used as is).
         args: the user's ``TrainingArguments``; they apply to every local round
-            (``max_steps`` is replaced by ``fed_args.local_steps``: see ``fedsmooth_hf.local_round``),
+            (``max_steps`` is replaced by ``fed_args.local_steps``: see ``fedsmooth_hf.engine.local_round``),
             or a ``FederatedTrainingArguments`` that also carries the federated fields.
         fed_args: :class:`FederatedArguments` (with plain ``TrainingArguments`` only).
         peft_config: the LoRA config to add to a plain ``model`` (a ``peft.LoraConfig``, or a
@@ -289,7 +289,7 @@ class FederatedTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
               executor: ClientExecutor | None = None, **kwargs):
-        """Run the federated rounds (:class:`~fedsmooth_hf.rounds.RoundEngine`); ``resume_from_checkpoint``
+        """Run the federated rounds (:class:`~fedsmooth_hf.engine.rounds.RoundEngine`); ``resume_from_checkpoint``
         continues after a saved round; ``executor`` runs each round's clients (default: sequential or
         client-parallel)."""
         start_round = 0
