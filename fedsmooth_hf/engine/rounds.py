@@ -111,7 +111,7 @@ class RoundEngine:
                                                  initial=start_round * fa.clients_per_round, local_steps=fa.local_steps)
             t.add_callback(progress)
         # Trainer runs a full gc.collect() at every local round; freezing the long-lived
-        # objects (imports, datasets, model) keeps that from costing ~0.3 s per client round.
+        # objects (imports, datasets, model) keeps that from costing a full heap walk per client round.
         gc.collect()
         gc.freeze()
         try:

@@ -48,9 +48,8 @@ Tensor = torch.Tensor
 RANGE_OVERSAMPLE = 8
 #: Co-range sketch height ``l = k + CORANGE_OVERSAMPLE``: solving ``(Psi Q) X = Z`` needs ``l > k``
 #: and its error grows like ``k / (l - k - 1)``.
-#: Chosen on real SmolLM2-135M gradients (docs/benchmarks.md, "GA cost"): at r = 8 the sketches
-#: take 9% of the dense gradients' memory there (1-2% at 7B shapes) and keep 96% of the gradient
-#: energy the exact GA factors reach (mean over layers); twice the sizes (48, 96) reach 98%.
+#: Both sizes were chosen on real SmolLM2-135M gradients: memory against the share of gradient
+#: energy kept, measured in docs/benchmarks.md ("GA cost").
 CORANGE_OVERSAMPLE = 16
 
 
