@@ -310,13 +310,20 @@ class FederatedStrategy:
         """Hyper-parameters for logs, checkpoints and model cards."""
         return {"strategy": self.name, "rank": self.rank, "num_rounds": self.num_rounds}
 
+    def directions_per_layer(self) -> int:
+        """How many singular directions of a layer this algorithm takes (``rank``; FedSmoothLoRA's
+        Gradient-Aligned start takes ``2 * rank``): each layer needs at least that many."""
+        return self.rank
+
     def check_layer_shapes(self, shapes: Mapping[str, tuple[int, int]]) -> None:
-        """One clear error for a layer ``name -> (d_out, d_in)`` too small for this algorithm's rank."""
+        """One clear error for a layer ``name -> (d_out, d_in)`` too small for :meth:`directions_per_layer`."""
+        need = self.directions_per_layer()
+        times = "" if need == self.rank else f"{need // self.rank} * "
         for name, (d_out, d_in) in shapes.items():
-            if self.rank > min(d_out, d_in):
+            if need > min(d_out, d_in):
                 raise ValueError(
                     f"lora_r={self.rank} is too large for layer '{name}' ({d_out}x{d_in}): "
-                    f"lora_r must be <= {min(d_out, d_in)}"
+                    f"{times}lora_r must be <= {min(d_out, d_in)}"
                 )
 
     def card_fields(self) -> dict:

@@ -304,16 +304,9 @@ class FedSmoothLoRA(FederatedStrategy):
             for B, A in up.values()
         )
 
-    def check_layer_shapes(self, shapes: Mapping[str, tuple[int, int]]) -> None:
-        """The Gradient-Aligned start takes singular directions r..2r: every layer needs 2r <= min(d_out, d_in)."""
-        if not self.needs_gradient:
-            return super().check_layer_shapes(shapes)
-        for name, (d_out, d_in) in shapes.items():
-            if 2 * self.rank > min(d_out, d_in):
-                raise ValueError(
-                    f"lora_r={self.rank} is too large for layer '{name}' ({d_out}x{d_in}): "
-                    f"2 * lora_r must be <= {min(d_out, d_in)}"
-                )
+    def directions_per_layer(self) -> int:
+        """The Gradient-Aligned start takes singular directions r..2r of each layer's gradient."""
+        return 2 * self.rank if self.needs_gradient else self.rank
 
     def card_fields(self) -> dict:
         """The GA and Round-Matching options in force; ``zeta_mode`` says when ``auto`` chose it."""
