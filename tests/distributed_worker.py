@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import make_counting_dataset, make_tiny_llama  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from support.tiny import make_counting_dataset, make_tiny_llama  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 from fedsmooth_hf import FederatedArguments, FederatedCallback, FederatedTrainer  # noqa: E402

@@ -1,6 +1,6 @@
 """A plain ``transformers.Trainer`` script, shaped like transformers' examples (run_clm.py).
 
-``tests/test_adoption.py`` federates it by changing three lines (the import, the
+``tests/trainer/test_adoption.py`` federates it by changing three lines (the import, the
 arguments class, ``Trainer``), checks the line diff and runs both. Self-contained: a
 tiny Llama built from a config and a generated counting task, so it runs offline.
 """

@@ -1,1 +1,2 @@
-"""Helpers the tests share: tiny trainers on the counting task (``trainers``)."""
+"""Helpers the tests share: tiny models and data (``tiny``), tiny trainers on the counting task (``trainers``),
+a local fake of the Hub's HTTP API (``fake_hub``) and a Flower deployment on loopback (``flower_cluster``)."""

@@ -5,10 +5,10 @@ Tests say only what differs from these defaults.
 
 from __future__ import annotations
 
-from conftest import make_counting_dataset, make_tiny_llama
 from transformers import TrainingArguments
 
 from fedsmooth_hf import FederatedArguments, FederatedTrainer
+from support.tiny import make_counting_dataset, make_tiny_llama
 
 #: TrainingArguments of every test run: small batches, no saving, no bar, no reporting
 TRAINING = dict(per_device_train_batch_size=8, learning_rate=5e-3, report_to="none", use_cpu=True,
