@@ -144,7 +144,7 @@ class RoundPrinterCallback(FederatedCallback):
     """
 
     def __init__(self, keys=("eval_accuracy", "eval_loss", "client_eval_accuracy_worst", "client_eval_loss_worst",
-                             "train_loss"), perplexity: bool = False):
+                             "train_loss", "dp_epsilon"), perplexity: bool = False):
         self.keys = tuple(keys)
         self.perplexity = perplexity
 

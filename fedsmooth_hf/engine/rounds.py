@@ -30,6 +30,7 @@ from transformers import TrainerControl
 from ..math.lowrank import factored_norm
 from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback
 from .executor import ClientExecutor
+from .privacy import dp_enabled, poisson_sample
 from .result import ClientResult, ClientTrainingError
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,11 @@ __all__ = ["sample_clients", "round_learning_rate", "federation_epoch", "describ
 
 
 def sample_clients(fed_args, seed: int, round_idx: int) -> list[int]:
-    """Clients of round ``round_idx`` (0-based): a seeded draw that depends only on (seed, round)."""
+    """Clients of round ``round_idx`` (0-based): a seeded draw that depends only on (seed, round);
+    under client-level DP each client independently at rate ``clients_per_round / num_clients``."""
     fa = fed_args
+    if dp_enabled(fa):
+        return poisson_sample(fa.num_clients, fa.clients_per_round / fa.num_clients, seed, round_idx)
     if fa.clients_per_round == fa.num_clients:
         return list(range(fa.num_clients))
     rng = np.random.default_rng([seed, round_idx])
@@ -155,13 +159,17 @@ class RoundEngine:
         failed = {c: r.reason for c, r in outcomes.items() if isinstance(r, ClientTrainingError)}
         for c, reason in failed.items():
             logger.warning("skipping round %d, client %d: %s", number, c, reason)
-        if not ok:
+        if not ok and (t.privacy is None or failed):
             raise ClientTrainingError(number, None, f"every sampled client failed: {failed}")
         uploads = {c: ok[c].upload for c in clients if c in ok}
         weights = {c: float(ok[c].num_examples) for c in uploads}
         total = sum(weights.values())
         previous = t.strategy.global_lora()
-        update = t.strategy.aggregate(uploads, weights)
+        privacy_record = {}
+        if t.privacy is None:
+            update = t.strategy.aggregate(uploads, weights)
+        else:  # clipped, noised, uniformly weighted (engine/privacy.py); a Poisson round may have no client
+            update, privacy_record = t.privacy.release(round_idx, uploads)
         update = t.server_optimizer.step(update, previous, t.strategy.server_space)  # "none": the update as is
         extras = self._mean_extras(ok, weights, total)
         t.apply_server_update(update, extras)
@@ -170,7 +178,7 @@ class RoundEngine:
             "round": number,
             "clients": clients,
             "learning_rate": lr,
-            "train_loss": float(sum(weights[c] * ok[c].train_loss for c in uploads) / total),
+            "train_loss": float(sum(weights[c] * ok[c].train_loss for c in uploads) / total) if total else math.nan,
             "client_train_loss": {str(c): ok[c].train_loss for c in uploads},
             "client_first_loss": {str(c): ok[c].first_loss for c in uploads},
             "strategy_overhead_s": float(sum(ok[c].strategy_overhead_s for c in uploads)),
@@ -180,6 +188,7 @@ class RoundEngine:
             ) if update.merge else 0.0,
             "failed_clients": {str(c): r for c, r in failed.items()},
             **self.executor.round_record(),
+            **privacy_record,
         }
         record.update(t.strategy.round_metrics({c: ok[c].strategy_metrics for c in uploads}))
         if self.control.should_evaluate:
@@ -188,7 +197,7 @@ class RoundEngine:
             record["eval_time_s"] = time.perf_counter() - t_eval  # so a run's training time can leave it out
         record["round_time_s"] = time.perf_counter() - t0
         t.round_history.append(record)
-        t.log({"train_loss": record["train_loss"], "merge_norm": record["merge_norm"]})
+        t.log({k: record[k] for k in ("train_loss", "merge_norm", "dp_epsilon") if k in record})
         self.fire("on_round_end", round=number, metrics=record)
         if self.control.should_save:
             t.save_federated_checkpoint(number)

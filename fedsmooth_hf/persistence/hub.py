@@ -197,6 +197,7 @@ def model_card(
     round_history: list[dict],
     final_metrics: Mapping[str, float] | None = None,
     *,
+    privacy: Mapping | None = None,
     language: str | list[str] | None = None,
     license: str | None = None,
     tags: str | list[str] | None = None,
@@ -209,8 +210,9 @@ def model_card(
 ) -> str:
     """A README.md for the Hub: what was trained, how, and how well.
 
-    The keyword arguments are ``Trainer.create_model_card``'s, so an upstream script's
-    call describes the federated run. A local ``base_model`` path is named by its last
+    ``privacy``: the client-level DP settings in force (``ClientLevelDP.describe()``), with the
+    epsilon spent. The other keyword arguments are ``Trainer.create_model_card``'s, so an
+    upstream script's call describes the federated run. A local ``base_model`` path is named by its last
     component only: a path says nothing on the Hub, and the Hub rejects it as ``base_model``.
     """
     final_metrics = dict(final_metrics or {})
@@ -257,6 +259,12 @@ def model_card(
             lines.append(f"| {key} | {fed_args[key]} |")
     # the algorithm's own options, as it describes them (FederatedStrategy.card_fields)
     lines += [f"| {key} | {value} |" for key, value in strategy.items() if key != "strategy"]
+    if privacy:
+        lines += ["", "## Differential privacy", "",
+                  f"Client-level DP: epsilon = {privacy['epsilon']:.3g} at delta = {privacy['delta']:.3g} over "
+                  f"{privacy['rounds']} rounds; the unit of privacy is one {privacy['unit']}.", "",
+                  "| setting | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in privacy.items() if key not in ("unit",)]
     if evals:
         lines += ["", "## Evaluation by round", "", "| round | eval_loss |", "|---|---|"]
         lines += [f"| {r['round']} | {r['eval_loss']:.4f} |" for r in evals]
@@ -274,6 +282,8 @@ def write_model_card(trainer, output_dir: str | os.PathLike, **card_args) -> Pat
         trainer.strategy.card_fields(),
         trainer.round_history,
         {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
+        privacy=None if trainer.privacy is None else {**trainer.privacy.describe(), "rounds": trainer.privacy.rounds,
+                                                      "epsilon": trainer.privacy.epsilon()},
         **card_args,
     )
     path = Path(output_dir, "README.md")

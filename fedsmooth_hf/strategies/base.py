@@ -177,6 +177,9 @@ class FederatedStrategy:
     #: what a server optimizer steps (``server_optim``): ``"factors"`` when the global model is an
     #: adapter whose factors are averaged, ``"product"`` when a round moves it by a low-rank product
     server_space: str = "product"
+    #: what a client contributes under client-level DP (``engine.privacy``): ``"factors"`` (named
+    #: tensors the server averages) and/or ``"product"`` (per module ``B A``, released by the sketch)
+    dp_forms: tuple[str, ...] = ("product",)
     #: the dataclass of this algorithm's own options (``None``: none beyond rank and rounds); an
     #: instance travels in ``FederatedLoraConfig`` (see ``fedsmooth_hf.trainer.lora_config``)
     config_class: type | None = None
@@ -294,6 +297,19 @@ class FederatedStrategy:
             check_upload(c, up, self.init_lora)
         return w
 
+    # -- client-level DP -------------------------------------------------------------
+    def dp_contribution(self, client: int | None, upload: ModuleFactors, form: str):
+        """The part of ``client``'s upload of ``form`` (one of :attr:`dp_forms`) that is clipped and summed:
+        the upload's factors by default (products: ``module -> (B, A)``; ``"factors"``: flat named tensors)."""
+        if form == "factors":
+            return flatten_factors(UPLOAD_PREFIX, upload)
+        return upload
+
+    def aggregate_released(self, released: Mapping[str, object]) -> ServerUpdate:
+        """:meth:`aggregate` on the noisy means DP releases instead of the uploads: ``released["factors"]``
+        (flat named tensors) and/or ``released["product"]`` (``module -> (Q, Z)``, the mean ``Q Z``)."""
+        raise NotImplementedError(f"strategy '{self.name}' has no aggregate of released means (client-level DP)")
+
     # -- persistence -----------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint (flat names), beyond the initial adapter the trainer saves."""
@@ -356,6 +372,12 @@ class GlobalAdapterStrategy(FederatedStrategy):
 
     def global_lora(self) -> ModuleFactors:
         return self._global
+
+    def dp_contribution(self, client, upload, form):
+        """A client of a smaller rank contributes its factors zero-padded to ``rank`` (as they are averaged)."""
+        if form == "factors":
+            return flatten_factors(UPLOAD_PREFIX, self._padded({0: upload})[0])
+        return upload
 
     def receive_update(self, update: ServerUpdate) -> None:
         if update.global_lora is None:

@@ -7,7 +7,7 @@ methods correct.
 
 from __future__ import annotations
 
-from .base import GlobalAdapterStrategy, ServerUpdate, weighted_factor_mean
+from .base import UPLOAD_PREFIX, GlobalAdapterStrategy, ServerUpdate, unflatten_factors, weighted_factor_mean
 from .registry import register_strategy
 
 
@@ -15,8 +15,14 @@ from .registry import register_strategy
 class FedIT(GlobalAdapterStrategy):
     name = "fedit"
     server_space = "factors"
+    dp_forms = ("factors",)
 
     def aggregate(self, uploads, weights):
         w = self._validated(uploads, weights)
         self._global = weighted_factor_mean(self._padded(uploads), w)
+        return ServerUpdate(merge={}, global_lora=self._global)
+
+    def aggregate_released(self, released):
+        """Under DP: the global adapter is the noisy mean of the factors."""
+        self._global = unflatten_factors(UPLOAD_PREFIX, released["factors"])
         return ServerUpdate(merge={}, global_lora=self._global)

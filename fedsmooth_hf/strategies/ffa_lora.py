@@ -23,6 +23,7 @@ from .registry import register_strategy
 class FFALoRA(GlobalAdapterStrategy):
     name = "ffa_lora"
     server_space = "factors"
+    dp_forms = ("factors",)
 
     def client_start(self, client, grads=None):
         return ClientStart(lora=self._at_client_rank(client, self._global), train_A=False)
@@ -39,4 +40,14 @@ class FFALoRA(GlobalAdapterStrategy):
         w = self._validated(uploads, weights)
         mean = weighted_factor_mean(self._padded(uploads), w)
         self._global = {n: (mean[n][0], self.init_lora[n][1].clone()) for n in mean}
+        return ServerUpdate(merge={}, global_lora=self._global)
+
+    def dp_contribution(self, client, upload, form):
+        """Only B: A is the shared init, the same for every client (FFA-LoRA's DP advantage)."""
+        return {k: v for k, v in super().dp_contribution(client, upload, form).items() if k.endswith("/B")}
+
+    def aggregate_released(self, released):
+        """Under DP: the noisy mean of B, with the shared A."""
+        B = {k[: -len("/B")]: v for k, v in released["factors"].items()}
+        self._global = {n: (B[f"{UPLOAD_PREFIX}/{n}"], self.init_lora[n][1].clone()) for n in self.init_lora}
         return ServerUpdate(merge={}, global_lora=self._global)

@@ -6,6 +6,7 @@ form; clients start the next round from it.
 
 from __future__ import annotations
 
+from ..math.lowrank import truncated_svd
 from .base import GlobalAdapterStrategy, ServerUpdate, truncated_product_mean
 from .registry import register_strategy
 
@@ -17,4 +18,9 @@ class FlexLoRA(GlobalAdapterStrategy):
     def aggregate(self, uploads, weights):
         w = self._validated(uploads, weights)
         self._global = truncated_product_mean(uploads, w, self.rank)
+        return ServerUpdate(merge={}, global_lora=self._global)
+
+    def aggregate_released(self, released):
+        """Under DP: ``SVD_r`` of the released mean product ``Q Z``."""
+        self._global = {n: truncated_svd([Q], [Z], self.rank) for n, (Q, Z) in released["product"].items()}
         return ServerUpdate(merge={}, global_lora=self._global)

@@ -33,5 +33,14 @@ class FRLoRA(FederatedStrategy):
                 for name in self.init_lora}
         return ServerUpdate(merge=merged, global_lora=self.init_lora)
 
+    def dp_contribution(self, client, upload, form):
+        """The client's change relative to its start, ``B_c A_c - B_0 A_0``, as stacked factors."""
+        start = self.init_lora if client is None else self._at_client_rank(client, self.init_lora)
+        return {n: stack_factors([B, start[n][0]], [A, start[n][1]], [1.0, -1.0]) for n, (B, A) in upload.items()}
+
+    def aggregate_released(self, released):
+        """Under DP: merge the released mean change ``Q Z`` (rank k, exactly) and restart LoRA."""
+        return ServerUpdate(merge=dict(released["product"]), global_lora=self.init_lora)
+
     def global_lora(self):
         return self.init_lora

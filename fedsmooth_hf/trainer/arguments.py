@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass, field, fields
 from transformers import TrainingArguments
 
 from ..data.partition import PARTITION_METHODS
+from ..engine.privacy import DP_CLIPPING
 from ..model.client_rank import resolve_client_ranks
 from ..strategies import FedSmoothLoRAConfig, available_strategies, strategy_from_options
-from ..strategies.base import StrategyOptionError
+from ..strategies.base import FederatedStrategy, StrategyOptionError
 from ..strategies.fedsmoothlora.config import check_fedsmoothlora_options
 from ..strategies.registry import strategy_class
 
@@ -130,6 +131,49 @@ class FederatedArguments:
                           "data-parallel local rounds; uploads are gathered with torch.distributed."},
     )
 
+    dp_noise_multiplier: float | None = field(
+        default=None,
+        metadata={"help": "Client-level DP (docs/privacy.md): Gaussian noise of std dp_noise_multiplier * dp_clip_norm "
+                          "on every released sum. Setting it (or dp_target_epsilon) turns DP on."},
+    )
+    dp_target_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "Client-level DP: calibrate the noise multiplier before training so that num_rounds rounds "
+                          "spend at most this epsilon at dp_delta (instead of dp_noise_multiplier)."},
+    )
+    dp_clip_norm: float | None = field(
+        default=None, metadata={"help": "Client-level DP: each client's contribution is clipped to this norm C."}
+    )
+    dp_clipping: str = field(
+        default="fixed",
+        metadata={"help": "Client-level DP: fixed (C as given) or adaptive (C follows dp_target_quantile of the "
+                          "clients' norms, Andrew et al.; dp_clip_norm is its start)."},
+    )
+    dp_delta: float | None = field(
+        default=None, metadata={"help": "Client-level DP: delta of the reported epsilon (default 0.1 / num_clients)."}
+    )
+    dp_sketch_width: int | None = field(
+        default=None,
+        metadata={"help": "Client-level DP, strategies that aggregate products: width k of the two-pass sketch that "
+                          "releases the noisy sum (default 2 * lora_r + 8)."},
+    )
+    dp_target_quantile: float = field(
+        default=0.5, metadata={"help": "Adaptive clipping: the share of clients whose norm C should cover."}
+    )
+    dp_clip_learning_rate: float = field(
+        default=0.2, metadata={"help": "Adaptive clipping: geometric step of C per round."}
+    )
+    dp_clipped_count_stddev: float | None = field(
+        default=None,
+        metadata={"help": "Adaptive clipping: noise std of the count of unclipped clients (default "
+                          "clients_per_round / 20); it is accounted for."},
+    )
+    dp_allow_client_metrics: bool = field(
+        default=False,
+        metadata={"help": "Under DP, allow per-client evaluation metrics (client_eval_fraction) to reach the server: "
+                          "they are computed on a client's data and not covered by the DP guarantee."},
+    )
+
     def __post_init__(self):
         def bad(name, why):
             raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {why}")
@@ -181,6 +225,50 @@ class FederatedArguments:
             bad("on_client_failure", f"must be one of {CLIENT_FAILURE_POLICIES}")
         if self.save_dtype not in SAVE_DTYPES:
             bad("save_dtype", f"must be one of {SAVE_DTYPES}")
+        self._check_privacy(bad, strategy)
+
+    def _check_privacy(self, bad, strategy) -> None:
+        """The ``dp_*`` fields (only when DP is on, except a negative noise multiplier or clip)."""
+        if self.dp_noise_multiplier is not None and not self.dp_noise_multiplier >= 0:
+            bad("dp_noise_multiplier", "must be >= 0")
+        if self.dp_clip_norm is not None and not self.dp_clip_norm > 0:
+            bad("dp_clip_norm", "must be > 0")
+        if self.dp_noise_multiplier is None and self.dp_target_epsilon is None:
+            return
+        if self.dp_noise_multiplier is not None and self.dp_target_epsilon is not None:
+            bad("dp_target_epsilon", "give dp_noise_multiplier or dp_target_epsilon, not both")
+        if self.dp_target_epsilon is not None and not self.dp_target_epsilon > 0:
+            bad("dp_target_epsilon", "must be > 0")
+        if self.dp_clip_norm is None:
+            bad("dp_clip_norm", "client-level DP needs a clip norm C (the sensitivity every noise std scales)")
+        if self.dp_clipping not in DP_CLIPPING:
+            bad("dp_clipping", f"must be one of {DP_CLIPPING}")
+        if self.dp_delta is not None and not 0 < self.dp_delta < 1:
+            bad("dp_delta", "must lie in (0, 1)")
+        if self.dp_delta is not None and self.dp_delta >= 1 / self.num_clients:
+            bad("dp_delta", f"must be below 1/num_clients={1 / self.num_clients:g}: a larger delta allows "
+                            "revealing one client's data outright")
+        if self.dp_sketch_width is not None and self.dp_sketch_width < 1:
+            bad("dp_sketch_width", "must be >= 1")
+        if not 0 < self.dp_target_quantile < 1:
+            bad("dp_target_quantile", "must lie in (0, 1)")
+        if not self.dp_clip_learning_rate > 0:
+            bad("dp_clip_learning_rate", "must be > 0")
+        if self.dp_clipped_count_stddev is not None and not self.dp_clipped_count_stddev > 0:
+            bad("dp_clipped_count_stddev", "must be > 0")
+        if self.client_eval_fraction > 0 and not self.dp_allow_client_metrics:
+            bad("client_eval_fraction", "per-client evaluation sends metrics computed on each client's data to the "
+                                        "server, outside the DP guarantee; set dp_allow_client_metrics=True to accept "
+                                        "that, or turn per-client evaluation off")
+        if self.modules_to_save:
+            bad("modules_to_save", "client-level DP covers LoRA contributions only: fully trained modules would "
+                                   "reach the server unclipped and without noise")
+        if type(strategy).aggregate_released is FederatedStrategy.aggregate_released:
+            bad("strategy", f"'{self.strategy}' has no aggregate of released means, so it cannot run under DP")
+
+    def resolved_dp_delta(self) -> float:
+        """``dp_delta``, or its default ``0.1 / num_clients`` (below the 1/N that would allow a leak)."""
+        return self.dp_delta if self.dp_delta is not None else 0.1 / self.num_clients
 
     def resolved_client_ranks(self, max_rank: int | None = None) -> list[int]:
         """One adapter rank per client (``client_ranks`` expanded; ``max_rank`` defaults to ``lora_r``)."""

@@ -29,6 +29,7 @@ from ..engine.client_eval import held_out_splits
 from ..engine.client_parallel import ClientParallelExecutor
 from ..engine.executor import ClientExecutor
 from ..engine.local_round import announce_overrides, release_engine, run_local_round
+from ..engine.privacy import ClientLevelDP, dp_enabled
 from ..engine.result import ClientResult, ClientTrainingError
 from ..engine.rounds import (
     RoundEngine,
@@ -121,6 +122,7 @@ class FederatedTrainer(Trainer):
         self.strategy.setup(get_lora_factors(self.layers, ADAPTER))
         self.strategy.set_client_ranks(fa.resolved_client_ranks(self.lora_rank))
         self.server_optimizer = fa.make_server_optimizer(self.strategy)
+        self.privacy = ClientLevelDP.for_trainer(self) if dp_enabled(fa) else None
         if self.strategy.needs_gradient:
             warn_small_calibration([len(ds) for ds in self.client_datasets], self.strategy.calibration()[0])
         self.round_history: list[dict] = []
@@ -324,6 +326,8 @@ class FederatedTrainer(Trainer):
         state = load_round(self, path, _RESUMABLE_CHANGES)
         self.round_history = list(state.get("round_history", []))
         self._step_offset = int(state.get("step_offset", 0))
+        if self.privacy is not None:  # the same ledger goes on
+            self.privacy.resume(self.round_history)
         with self.gathered(modify=True), torch.no_grad():
             self.load_global_adapter()
         return int(state["round"])

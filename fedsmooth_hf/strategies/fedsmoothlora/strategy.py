@@ -261,6 +261,11 @@ class FedSmoothLoRA(FederatedStrategy):
         self._server = truncated_product_mean(uploads, w, self.rank)
         return ServerUpdate(merge=self._server, global_lora=None, round=self.round)
 
+    def aggregate_released(self, released) -> ServerUpdate:
+        """Under DP: ``(B_s, A_s) = SVD_r`` of the released mean product ``Q Z``, merged as usual."""
+        self._server = {n: truncated_svd([Q], [Z], self.rank) for n, (Q, Z) in released["product"].items()}
+        return ServerUpdate(merge=self._server, global_lora=None, round=self.round)
+
     def receive_update(self, update: ServerUpdate) -> None:
         """The server's aggregate ``(B_s, A_s)`` is the merged update: Round-Matching reads it."""
         self._server = {n: (B.clone(), A.clone()) for n, (B, A) in update.merge.items()}
