@@ -34,10 +34,13 @@ setup(
         # 1.42: one HTTP port per SuperLink/SuperNode, connections in $FLWR_HOME/config.toml (docs/flower.md);
         # cryptography: TLS certificates and SuperNode keys
         "flower": ["flwr[simulation]>=1.42", "cryptography"],
+        # client-level DP: the accountant (docs/privacy.md)
+        "privacy": ["dp-accounting>=0.4"],
         "recipes": ["gguf>=0.10", "matplotlib", "scikit-learn", "sentencepiece"],
-        # import-linter: the layer contracts of pyproject.toml, checked by `make test`
-        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.5", "import-linter>=2.1", "matplotlib", "scikit-learn", "gguf>=0.10",
-                "flwr[simulation]>=1.42", "cryptography"],
+        # import-linter: the layer contracts of pyproject.toml, checked by `make test`;
+        # opacus: a second accountant the DP tests cross-check dp-accounting against
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.5", "import-linter>=2.1", "matplotlib", "scikit-learn",
+                "gguf>=0.10", "flwr[simulation]>=1.42", "cryptography", "dp-accounting>=0.4", "opacus>=1.5"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -65,8 +65,17 @@ def round_noise_multiplier(z: float, releases: int, count_stddev: float | None =
     return inverse_square ** -0.5
 
 
+def _dp_accounting():
+    try:
+        import dp_accounting
+    except ImportError as err:  # pragma: no cover - installed with the `privacy` extra
+        raise ImportError("client-level DP needs the dp-accounting package: "
+                          "pip install 'fedsmooth_hf[privacy]'") from err
+    return dp_accounting
+
+
 def _accountant(rate: float, z_round: float, rounds: int):
-    import dp_accounting
+    dp_accounting = _dp_accounting()
     from dp_accounting import rdp
 
     accountant = rdp.RdpAccountant(orders=list(RDP_ORDERS))
@@ -89,7 +98,7 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, rounds: int,
                                count_stddev: float | None = None, largest: float = 1e3) -> float:
     """The smallest per-release ``z`` whose ``rounds`` rounds stay within ``target_epsilon`` at ``delta``
     (dp-accounting's calibration); a ``ValueError`` when even ``z = largest`` does not."""
-    import dp_accounting
+    dp_accounting = _dp_accounting()
     from dp_accounting import rdp
 
     def event(z):
