@@ -1,7 +1,8 @@
-"""What every benchmark script sets up the same way: offline Hub, the results folder, the machine, plots.
+"""What every benchmark script sets up the same way: offline Hub, the results folder, the machine.
 
 Imported before ``transformers`` (``HF_HUB_OFFLINE`` is read at import): a script puts the
-repository root on ``sys.path`` and imports this module first.
+repository root on ``sys.path`` and imports this module first. Plots come from ``recipes.plots``,
+shared with the recipes.
 """
 
 from __future__ import annotations
@@ -49,12 +50,3 @@ def machine() -> dict:
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "loadavg": loadavg()}
 
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (benchmarks run without a display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

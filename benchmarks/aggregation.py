@@ -4,7 +4,7 @@ Every round the server turns K client uploads ``(B_i, A_i)`` into one rank-``r``
 pair approximating ``sum_i w_i B_i @ A_i``. Two ways, timed side by side on the
 same random factors:
 
-* ours  - ``fedsmooth_hf.lowrank.truncated_svd``: stack the factors, thin QR on
+* ours  - ``fedsmooth_hf.math.lowrank.truncated_svd``: stack the factors, thin QR on
   each side, SVD of the small ``Kr x Kr`` core. Never forms a ``d_out x d_in`` matrix.
 * dense - what the reference code does: form ``D = sum_i w_i B_i @ A_i`` densely,
   then ``torch.linalg.svd(D, full_matrices=False)`` truncated to rank ``r``.
@@ -18,7 +18,7 @@ float64 outside the timed regions.
 
 Usage::
 
-    python benchmarks/aggregation.py                 # LLaMA-7B shapes, K=10, r=16 (minutes on 2 cores)
+    python benchmarks/aggregation.py                 # LLaMA-7B shapes, K=10, r=16
     python benchmarks/aggregation.py --quick         # small shapes, seconds
 """
 
@@ -34,13 +34,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS_DIR, loadavg, machine, pyplot, usable_cores  # noqa: E402
+from benchmarks._common import RESULTS_DIR, loadavg, machine, usable_cores  # noqa: E402
+from recipes.plots import pyplot  # noqa: E402
 
 # isort: split
 
 import torch  # noqa: E402
 
-from fedsmooth_hf.lowrank import truncated_svd  # noqa: E402
+from fedsmooth_hf.math.lowrank import truncated_svd  # noqa: E402
 
 DEFAULT_SHAPES = "4096x4096,11008x4096"
 QUICK_SHAPES = "1024x1024,2048x1024"

@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS_DIR, ROOT, pyplot, usable_cores  # noqa: E402
+from benchmarks._common import RESULTS_DIR, ROOT, usable_cores  # noqa: E402
+from recipes.plots import pyplot  # noqa: E402
 
 # isort: split
 

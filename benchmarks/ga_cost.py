@@ -16,9 +16,9 @@ GA factors vs the exact SVD of the dense gradient on the same pass: relative Fro
 along, ``||U_{r:2r} U_{r:2r}^T G||^2 + ||G V_{:r} V_{:r}^T||^2`` relative to the exact factors'.
 
 At LLaMA-7B shapes (4096x4096, 11008x4096, 4096x11008) the gradients are synthetic: sums of
-``g^T x`` over 1024 tokens with a 1/i singular spectrum (like SmolLM2's: s_16/s_1 ~ 0.06).
+``g^T x`` over 1024 tokens with a 1/i singular spectrum (like SmolLM2's; docs/benchmarks.md).
 
-    python benchmarks/ga_cost.py            # SmolLM2-135M + 7B shapes, ~5 min on 2 cores
+    python benchmarks/ga_cost.py            # SmolLM2-135M + 7B shapes (docs/benchmarks.md: what it takes)
     python benchmarks/ga_cost.py --smoke    # tiny Llama + small shapes, seconds (CI)
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS_DIR, ROOT, machine, pyplot  # noqa: E402
+from benchmarks._common import RESULTS_DIR, ROOT, machine  # noqa: E402
 
 # isort: split
 
@@ -46,15 +45,14 @@ import subprocess  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.ga_accuracy import SEVEN_B_SHAPES, exact_top, ga_metrics, shapes_part, summarize_metrics  # noqa: E402
+from benchmarks.ga_cost_plot import plot  # noqa: E402
 from benchmarks.overhead import PeakRSS, build_data, lora_model, training_args  # noqa: E402
-from fedsmooth_hf import FederatedArguments, FederatedTrainer  # noqa: E402
-from fedsmooth_hf.adapter import clear_offsets, get_lora_factors, lora_layers, set_offsets  # noqa: E402
-from fedsmooth_hf.gradients import estimate_gradient_subspaces  # noqa: E402
-from fedsmooth_hf.sketch import DenseGradient, SketchedGradient, TestMatrices, sketch_sizes  # noqa: E402
+from fedsmooth_hf import FederatedArguments, FederatedTrainer, FedSmoothLoRAConfig  # noqa: E402
+from fedsmooth_hf.math.sketch import SketchedGradient, TestMatrices, sketch_sizes  # noqa: E402
+from fedsmooth_hf.model.adapter import clear_offsets, get_lora_factors, lora_layers, set_offsets  # noqa: E402
+from fedsmooth_hf.model.gradients import estimate_gradient_subspaces  # noqa: E402
 from fedsmooth_hf.strategies import get_strategy  # noqa: E402
-
-SEVEN_B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-MIB = 2**20
 
 
 # ---------------------------------------------------------------------- data
@@ -79,38 +77,6 @@ def batches_of(ds, collator, n: int, batch: int):
         return [{k: torch.tensor([r[k] for r in rows[j: j + batch]]) for k in ("input_ids", "labels")}
                 for j in range(0, n, batch)]
     return [collator(rows[j: j + batch]) for j in range(0, n, batch)]
-
-
-# ---------------------------------------------------------------------- accuracy of one estimate
-def ga_metrics(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor, Ue: torch.Tensor, Ve: torch.Tensor, r: int) -> dict:
-    """Sketched (U, V) vs exact (Ue, Ve) top-2r vectors of G: product error, angles, functional measure."""
-    G, U, V, Ue, Ve = (t.double() for t in (G, U, V, Ue, Ve))
-    sign = torch.sign((U * Ue).sum(0) + (V * Ve).sum(0))  # an SVD's vectors are defined up to a joint sign
-    sign[sign == 0] = 1
-    U, V = U * sign, V * sign
-    P, Pe = U[:, r:2 * r] @ V[:, :r].T, Ue[:, r:2 * r] @ Ve[:, :r].T
-
-    def angle(A, B):
-        return math.degrees(math.acos(float(torch.linalg.svdvals(A.T @ B).min().clamp(max=1.0))))
-
-    def energy(Ux, Vx):
-        return float((Ux[:, r:2 * r].T @ G).norm() ** 2 + (G @ Vx[:, :r]).norm() ** 2)
-
-    return {"rel_frobenius_BA": float((P - Pe).norm() / Pe.norm()), "angle_U_deg": angle(U, Ue),
-            "angle_V_deg": angle(V, Ve), "functional": energy(U, V) / energy(Ue, Ve)}
-
-
-def summarize_metrics(rows: list[dict]) -> dict:
-    out = {}
-    for key in ("rel_frobenius_BA", "angle_U_deg", "angle_V_deg", "functional"):
-        v = torch.tensor([r[key] for r in rows], dtype=torch.float64)
-        out[key] = {"mean": float(v.mean()), "median": float(v.median()), "min": float(v.min()), "max": float(v.max())}
-    return out
-
-
-def exact_top(G: torch.Tensor, q: int):
-    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
-    return U[:, :q], Vh[:q].T
 
 
 # ---------------------------------------------------------------------- SmolLM2 / tiny Llama part
@@ -239,7 +205,8 @@ def model_part(kind: str, rank: int, ga_samples: int, batch: int, seq_len: int, 
 
     # per-step cost of the frozen offset: a training step with and without rank-r offsets on every layer
     gen = torch.Generator().manual_seed(0)
-    offsets = {n: (torch.randn(l_.out_features, rank, generator=gen) * 1e-3, torch.randn(rank, l_.in_features, generator=gen))
+    offsets = {n: (torch.randn(l_.out_features, rank, generator=gen) * 1e-3,
+                   torch.randn(rank, l_.in_features, generator=gen))
                for n, l_ in layers.items()}
     step = {"without": [], "with": []}
     for _ in range(max(3, repeats * 2)):
@@ -257,7 +224,8 @@ def model_part(kind: str, rank: int, ga_samples: int, batch: int, seq_len: int, 
     del model, estimates, exact, de, sk
     gc.collect()
     return {
-        "model": kind, "layers": len(layers), "rank": rank, "ga_samples": ga_samples, "batch": batch, "seq_len": seq_len,
+        "model": kind, "layers": len(layers), "rank": rank, "ga_samples": ga_samples, "batch": batch,
+        "seq_len": seq_len,
         "repeats": repeats, "seconds_best": best, "seconds_all": times,
         "ga_start_parts_best": {k: min(v, key=lambda p: p["total_s"]) for k, v in parts.items()},
         "ratio_sketch_vs_fwd_bwd": best["sketch"] / best["plain_fwd_bwd"],
@@ -303,70 +271,6 @@ def rss_rise(kind: str, rank: int, ga_samples: int, batch: int, seq_len: int, th
     return out, heap
 
 
-# ---------------------------------------------------------------------- LLaMA-7B shapes, synthetic gradients
-def synthetic_stream(d_out: int, d_in: int, tokens: int, batch_tokens: int, latent: int, seed: int = 0):
-    """Batches of (x, g) whose G = sum g^T x has singular values ~ 1/i (x, g weighted 1/sqrt(i) in
-    random orthonormal bases of ``latent`` directions, plus 1% isotropic noise), and the exact top
-    factors of G from the stacked token factors (G = g_all^T x_all, an exact factored SVD)."""
-    gen = torch.Generator().manual_seed(seed)
-    Bu, _ = torch.linalg.qr(torch.randn(d_out, latent, generator=gen))
-    Bv, _ = torch.linalg.qr(torch.randn(d_in, latent, generator=gen))
-    w = (torch.arange(latent, dtype=torch.float32) + 1) ** -0.5
-    xs, gs = [], []
-    for _ in range(tokens // batch_tokens):
-        c = torch.randn(batch_tokens, latent, generator=gen) * w
-        xs.append(c @ Bv.T + 0.01 * torch.randn(batch_tokens, d_in, generator=gen) / math.sqrt(d_in))
-        gs.append(c @ Bu.T + 0.01 * torch.randn(batch_tokens, d_out, generator=gen) / math.sqrt(d_out))
-    return list(zip(xs, gs))
-
-
-def exact_from_tokens(stream, q: int):
-    """Exact top-q (U, V) of sum g^T x without the dense SVD: QR of the stacked token factors."""
-    X = torch.cat([x for x, _ in stream]).double()
-    Gt = torch.cat([g for _, g in stream]).double()
-    Qg, Rg = torch.linalg.qr(Gt.T)
-    Qx, Rx = torch.linalg.qr(X.T)
-    Uc, _, Vch = torch.linalg.svd(Rg @ Rx.T)
-    return Qg @ Uc[:, :q], Qx @ Vch[:q].T
-
-
-def shapes_part(shapes, rank: int, tokens: int, batch_tokens: int, latent: int) -> list[dict]:
-    q = 2 * rank
-    rows = []
-    for d_out, d_in in shapes:
-        stream = synthetic_stream(d_out, d_in, tokens, batch_tokens, latent)
-        Ue, Ve = exact_from_tokens(stream, q)
-        out = {"shape": f"{d_out}x{d_in}", "tokens": tokens}
-        for name in ("sketch", "dense"):
-            gc.collect()
-            start = psutil.Process().memory_info().rss
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                sizes = sketch_sizes(q, d_out, d_in)
-                est = (SketchedGradient(d_out, d_in, *sizes, TestMatrices(0)) if name == "sketch"
-                       else DenseGradient(torch.zeros(d_out, d_in)))
-                for x, g in stream:
-                    est.add(x, g)
-                t1 = time.perf_counter()
-                U, _, V = est.top_singular(q)
-                t2 = time.perf_counter()
-            out[name] = {"accumulate_s": t1 - t0, "top_singular_s": t2 - t1, "total_s": t2 - t0,
-                         "state_bytes": est.nbytes, "peak_rss_rise_bytes": max(0, mem.peak - start)}
-            if name == "sketch":
-                out["sketch"]["k"], out["sketch"]["l"] = sizes
-            G = sum(g.T @ x for x, g in stream) if name == "sketch" else est.grad
-            out[name]["accuracy"] = ga_metrics(G, U, V, Ue, Ve, rank)
-            del est, G
-        out["speedup"] = out["dense"]["total_s"] / out["sketch"]["total_s"]
-        out["memory_fraction"] = out["sketch"]["state_bytes"] / out["dense"]["state_bytes"]
-        rows.append(out)
-        print(f"[ga_cost] {out['shape']}: sketch {out['sketch']['total_s']:.2f} s vs dense {out['dense']['total_s']:.2f} s "
-              f"({out['speedup']:.1f}x), memory {100 * out['memory_fraction']:.1f}%, functional "
-              f"{out['sketch']['accuracy']['functional']:.3f} (dense path {out['dense']['accuracy']['functional']:.3f})",
-              flush=True)
-    return rows
-
-
 # ---------------------------------------------------------------------- client rounds
 def client_rounds(kind: str, rank: int, ga_samples: int, local_steps: int, batch: int, seq_len: int,
                   clients: int, rounds: int) -> dict:
@@ -374,13 +278,14 @@ def client_rounds(kind: str, rank: int, ga_samples: int, local_steps: int, batch
     ds, collator = calibration_data(kind, clients * max(ga_samples, batch * local_steps), seq_len)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, strategy, extra in [("fedit", "fedit", {}), ("fedsmoothlora_sketch", "fedsmoothlora", {}),
-                                       ("fedsmoothlora_dense", "fedsmoothlora", {"ga_estimator": "dense"})]:
+        for label, strategy, estimator in [("fedit", "fedit", "sketch"), ("fedsmoothlora_sketch", "fedsmoothlora",
+                                                                           "sketch"),
+                                           ("fedsmoothlora_dense", "fedsmoothlora", "dense")]:
             fed = FederatedArguments(strategy=strategy, num_clients=clients, num_rounds=rounds, local_steps=local_steps,
-                                     lora_r=rank, lora_alpha=2 * rank, ga_samples=ga_samples, ga_batch_size=batch,
-                                     eval_rounds=0, **extra)
+                                     lora_r=rank, lora_alpha=2 * rank, eval_rounds=0)
+            method = FedSmoothLoRAConfig(ga_samples=ga_samples, ga_batch_size=batch, ga_estimator=estimator)
             args = training_args(tmp, batch)
-            trainer = FederatedTrainer(model=lora_model(kind, rank), args=args, fed_args=fed, train_dataset=ds,
+            trainer = FederatedTrainer(model=lora_model(kind, rank, method), args=args, fed_args=fed, train_dataset=ds,
                                        data_collator=collator)
             from transformers.trainer_callback import PrinterCallback
 
@@ -401,88 +306,13 @@ def client_rounds(kind: str, rank: int, ga_samples: int, local_steps: int, batch
     return out
 
 
-# ---------------------------------------------------------------------- plot
-def plot(result: dict, path: Path) -> None:
-    plt = pyplot()
-
-    m, c, shapes = result["model"], result["client_rounds"], result["shapes"]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.9))
-    blue, orange, grey = "#4c72b0", "#dd8452", "#8c8c8c"
-
-    ax = axes[0]
-    best = m["seconds_best"]
-    labels = ["plain fwd+bwd", "GA start\nsketch", "GA start\ndense"]
-    vals = [best["plain_fwd_bwd"], best["sketch"], best["dense"]]
-    grad = [best["plain_fwd_bwd"], m["ga_start_parts_best"]["sketch"]["gradient_pass_s"],
-            m["ga_start_parts_best"]["dense"]["gradient_pass_s"]]
-    ax.bar(labels, grad, color=[grey, blue, orange], label="gradient pass")
-    ax.bar(labels, [v - g for v, g in zip(vals, grad)], bottom=grad, color=[grey, blue, orange], alpha=0.45,
-           hatch="//", label="subspace / SVDs + client start")
-    for i, v in enumerate(vals):
-        ax.text(i, v, f"{v / vals[0]:.2f}x", ha="center", va="bottom", fontsize=9)
-    ax.set_ylabel("seconds")
-    ax.set_title(f"GA start, {m['model']}, {m['layers']} layers\n(ga_samples={m['ga_samples']}; ratio vs fwd+bwd)",
-                 fontsize=9)
-    ax.set_ylim(0, 1.45 * max(vals))
-    ax.legend(fontsize=7, loc="upper left")
-
-    ax = axes[1]
-    labels = ["FedIT", "FedSmooth\nsketch", "FedSmooth\ndense"]
-    keys = ["fedit", "fedsmoothlora_sketch", "fedsmoothlora_dense"]
-    local = [c[k]["local_train_s"] for k in keys]
-    over = [c[k]["strategy_overhead_s"] for k in keys]
-    ax.bar(labels, local, color=grey, label="local training")
-    ax.bar(labels, over, bottom=local, color=[grey, blue, orange], label="strategy overhead")
-    for i, (lo, ov) in enumerate(zip(local, over)):
-        ax.text(i, lo + ov, f"{(lo + ov) / (local[0] + over[0]):.2f}x", ha="center", va="bottom", fontsize=9)
-    ax.set_ylim(0, 1.45 * max(lo + ov for lo, ov in zip(local, over)))
-    ax.set_ylabel("seconds per client round")
-    s = result["settings"]
-    ax.set_title(f"client round ({s['local_steps']} steps x batch {s['batch']}, ga_samples={s['ga_samples']})",
-                 fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
-
-    ax = axes[2]
-    names = [m["model"]] + [r["shape"] for r in shapes]
-    dense = [m["memory"]["dense_fp32_gradients_bytes"] / MIB] + [r["dense"]["state_bytes"] / MIB for r in shapes]
-    sk = [(m["memory"]["sketch_state_bytes"] + m["memory"]["sketch_test_matrix_bytes"]) / MIB] + \
-        [r["sketch"]["state_bytes"] / MIB for r in shapes]
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], dense, 0.4, color=orange, label="dense G")
-    ax.bar([i + 0.2 for i in x], sk, 0.4, color=blue, label="sketches")
-    for i, (d, v) in enumerate(zip(dense, sk)):
-        ax.text(i + 0.2, v, f"{100 * v / d:.1f}%", ha="center", va="bottom", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xticks(list(x), [n.replace("x", "x\n", 1) if "x" in n else n for n in names], fontsize=7)
-    ax.set_ylabel("MiB held by the estimate (log)")
-    ax.set_title("memory of the GA estimate\n(model: all adapted layers; shapes: one layer)", fontsize=9)
-    ax.legend(fontsize=7)
-
-    ax = axes[3]
-    func = sorted(r["functional"] for r in m["accuracy_per_layer"])
-    ax.plot([100 * i / max(1, len(func) - 1) for i in range(len(func))], func, color=blue, label=f"{m['model']} layers")
-    for r in shapes:
-        ax.axhline(r["sketch"]["accuracy"]["functional"], ls=":", color=grey)
-    ax.axhline(0.95, color="red", lw=0.8, label="0.95")
-    ax.set_ylim(min(0.7, min(func) - 0.02), 1.02)
-    ax.set_xlabel("layers, sorted (%)")
-    ax.set_ylabel("gradient energy vs exact factors")
-    ax.set_title(f"accuracy of the sketched GA factors\n(mean {m['accuracy']['functional']['mean']:.3f}; "
-                 "dotted: 7B shapes)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny Llama and small shapes: seconds (CI)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--rounds", type=int, default=1, help="federated rounds per client-round timing")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
-                   help="torch threads; 1 by default: on a loaded machine, 2 threads made LAPACK calls 100x slower")
+                   help="torch threads; 1 by default: on a loaded machine, 2 threads made LAPACK calls far slower")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--rss-child", choices=["plain_fwd_bwd", "sketch", "dense"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -512,7 +342,8 @@ def main(argv=None) -> dict:
     print(f"[ga_cost] client rounds: FedIT vs FedSmoothLoRA ({clients} clients x {a.rounds} round(s))", flush=True)
     rounds = client_rounds(kind, rank, ga_samples, local_steps, batch, seq_len, clients, a.rounds)
     print("[ga_cost] synthetic gradients at " + ", ".join(f"{o}x{i}" for o, i in shapes), flush=True)
-    shape_rows = shapes_part(shapes, rank, tokens=1024 if not a.smoke else 256, batch_tokens=512 if not a.smoke else 128,
+    shape_rows = shapes_part(shapes, rank, tokens=1024 if not a.smoke else 256,
+                             batch_tokens=512 if not a.smoke else 128,
                              latent=256 if not a.smoke else 96)
     result = {
         "benchmark": "ga_cost",
@@ -544,9 +375,11 @@ def main(argv=None) -> dict:
     h = result["headline"]
     mm = model["memory"]
     print(f"\n{'':<34}{'sketch':>10}{'dense':>10}   target")
-    print(f"{'GA start / plain fwd+bwd':<34}{h['ga_start_sketch_vs_fwd_bwd']:>10.2f}{h['ga_start_dense_vs_fwd_bwd']:>10.2f}"
+    print(f"{'GA start / plain fwd+bwd':<34}{h['ga_start_sketch_vs_fwd_bwd']:>10.2f}"
+          f"{h['ga_start_dense_vs_fwd_bwd']:>10.2f}"
           "   <= 2.0")
-    print(f"{'client round / FedIT':<34}{h['client_round_sketch_vs_fedit']:>10.2f}{h['client_round_dense_vs_fedit']:>10.2f}"
+    print(f"{'client round / FedIT':<34}{h['client_round_sketch_vs_fedit']:>10.2f}"
+          f"{h['client_round_dense_vs_fedit']:>10.2f}"
           "   <= 1.3")
     print(f"{'estimate memory / dense G (own)':<34}{mm['fraction_accounted']:>10.3f}"
           f"{mm['dense_state_bytes'] / mm['dense_fp32_gradients_bytes']:>10.3f}   <= 0.10")

@@ -6,8 +6,8 @@ repeats. Printed: wall-clock time of each and their ratio (FedIT and FedSmoothLo
 part of each spent in the strategy (``strategy_overhead_s``: FedSmoothLoRA's gradient pass,
 subspace reconstruction, client start and upload truncation), and the peak RSS of each phase.
 
-    python benchmarks/overhead.py                 # SmolLM2-135M (real model), ~10 min on 2 cores
-    python benchmarks/overhead.py --quick         # a small Llama from a config, ~1 min
+    python benchmarks/overhead.py                 # SmolLM2-135M (real model)
+    python benchmarks/overhead.py --quick         # a small Llama from a config
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ROOT, machine, pyplot  # noqa: E402
+from benchmarks._common import ROOT, machine  # noqa: E402
+from recipes.plots import pyplot  # noqa: E402
 
 # isort: split
 
@@ -29,7 +30,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
-from fedsmooth_hf import FederatedArguments, FederatedTrainer  # noqa: E402
+from fedsmooth_hf import FederatedArguments, FederatedLoraConfig, FederatedTrainer, FedSmoothLoRAConfig  # noqa: E402
 
 
 class PeakRSS:
@@ -76,13 +77,23 @@ def build_data(n: int, vocab: int, seq_len: int):
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-def lora_model(kind: str, r: int):
-    from peft import LoraConfig, get_peft_model
+def lora_model(kind: str, r: int, method: FedSmoothLoRAConfig | None = None):
+    """The model with a rank-`r` LoRA adapter on every Linear but the head; its LoRA config carries `method`.
 
-    from fedsmooth_hf.adapter import find_target_modules
+    Args:
+        kind (`str`): `"tiny-llama"` or `"smollm2"`.
+        r (`int`): LoRA rank (alpha is `2 r`).
+        method (`FedSmoothLoRAConfig`, *optional*): FedSmoothLoRA's options, read by a `FederatedTrainer`
+            from the adapter's config.
+    """
+    from peft import get_peft_model
+
+    from fedsmooth_hf.model.adapter import find_target_modules
 
     model = build_model(kind)
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=find_target_modules(model)))
+    config = FederatedLoraConfig(r=r, lora_alpha=2 * r, target_modules=find_target_modules(model),
+                                 fedsmoothlora_config=method)
+    return get_peft_model(model, config)
 
 
 def training_args(out: str, batch: int) -> TrainingArguments:
@@ -104,10 +115,9 @@ def run_plain(kind, data, steps, batch, r, tmp):
 
 
 def run_federated(kind, data, strategy, clients, rounds, local_steps, batch, r, ga_samples, tmp):
-    model = lora_model(kind, r)
+    model = lora_model(kind, r, FedSmoothLoRAConfig(ga_samples=ga_samples, ga_batch_size=batch))
     fed = FederatedArguments(strategy=strategy, num_clients=clients, num_rounds=rounds, local_steps=local_steps,
-                             lora_r=r, lora_alpha=2 * r, ga_samples=ga_samples, ga_batch_size=batch,
-                             eval_rounds=0)
+                             lora_r=r, lora_alpha=2 * r, eval_rounds=0)
     trainer = FederatedTrainer(model=model, args=training_args(tmp, batch), fed_args=fed, train_dataset=data)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
@@ -127,7 +137,8 @@ def plot(results: dict, path: Path) -> None:
     ga = [0.0, results["fedit"]["strategy_overhead_s"], results["fedsmoothlora"]["strategy_overhead_s"]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(labels, [w - g for w, g in zip(walls, ga)], label="training + round overhead", color="#4c72b0")
-    ax.bar(labels, ga, bottom=[w - g for w, g in zip(walls, ga)], label="strategy overhead (GA start, upload)", color="#dd8452")
+    ax.bar(labels, ga, bottom=[w - g for w, g in zip(walls, ga)], label="strategy overhead (GA start, upload)",
+           color="#dd8452")
     for i, w in enumerate(walls):
         ax.text(i, w, f"{w / walls[0]:.2f}x", ha="center", va="bottom")
     steps = results["settings"]["total_steps"]
@@ -181,7 +192,8 @@ def main(argv=None) -> dict:
     for name in ("plain", "fedit", "fedsmoothlora"):
         r = results[name]
         print(f"{name:<16}{r['wall_s']:>10.2f}{r['wall_s'] / base:>8.3f}{r['peak_rss_bytes'] * mb:>16.0f}")
-    print(f"FedSmoothLoRA strategy overhead (GA start, upload): {results['fedsmoothlora']['strategy_overhead_s']:.2f} s = "
+    print("FedSmoothLoRA strategy overhead (GA start, upload): "
+          f"{results['fedsmoothlora']['strategy_overhead_s']:.2f} s = "
           f"{results['strategy_overhead_share_of_local_training']:.3f} x its local training time")
     results["machine"]["note"] = "one process; plain run first, then FedIT, then FedSmoothLoRA"
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

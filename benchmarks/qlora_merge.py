@@ -27,14 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS_DIR, pyplot  # noqa: E402
+from benchmarks._common import RESULTS_DIR  # noqa: E402
+from recipes.plots import pyplot  # noqa: E402
 
 # isort: split
 
 import torch  # noqa: E402
 
-from fedsmooth_hf.adapter import lora_layers, lora_scaling  # noqa: E402
-from fedsmooth_hf.merge import base_residual, dense_base_weight, merge_into_base  # noqa: E402
+from fedsmooth_hf.model.adapter import lora_layers, lora_scaling  # noqa: E402
+from fedsmooth_hf.model.merge import base_residual, dense_base_weight, merge_into_base  # noqa: E402
 
 RELATIVE_SIZES = (1e-4, 1e-3, 1e-2, 1e-1)
 ROUNDS = 10

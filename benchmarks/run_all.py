@@ -1,14 +1,15 @@
 """Every systems benchmark in one run, with one summary: ``summary.json`` and ``summary.md``.
 
-    python benchmarks/run_all.py --quick     # < 10 min on 2 cores: small shapes, the tiny Llama
-    python benchmarks/run_all.py --smoke     # < 1 min, the CI sizes (tests/test_benchmarks_smoke.py)
+    python benchmarks/run_all.py --quick     # small shapes, the tiny Llama
+    python benchmarks/run_all.py --smoke     # the CI sizes (tests/test_benchmarks_smoke.py)
     python benchmarks/run_all.py             # full sizes (aggregation at LLaMA-7B shapes, SmolLM2 overhead)
 
 Each part measures ours and its baseline side by side and writes its own JSON and PNG:
-aggregation (factored vs dense SVD), overhead (federated vs a plain Trainer), ga_cost (the Gradient-
-Aligned start, sketched vs dense, vs a plain forward+backward and FedIT client rounds), communication (upload bytes per strategy vs the model) and
-memory (peak RSS vs number of clients). Convergence results (``convergence.py``, far longer) are
-not re-run here; their headline figures are added to the summary when their JSON is present.
+aggregation (factored vs dense SVD), overhead (federated vs a plain Trainer), ga_cost (the
+Gradient-Aligned start, sketched vs dense, vs a plain forward+backward and FedIT client rounds),
+communication (upload bytes per strategy vs the model) and memory (peak RSS vs number of clients).
+Convergence results (``convergence.py``, far longer) are not re-run here; their headline figures
+are added to the summary when their JSON is present.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def part_args(mode: str, out: Path, threads: int) -> dict[str, list[str]]:
     agg = ["--out", str(out / f"{agg}.json"), "--plot", str(out / f"{agg}.png"), "--threads", str(threads)]
     ovh = ["--out", str(out / f"{ovh}.json"), "--plot", str(out / f"{ovh}.png"), "--threads", str(threads)]
     if mode == "smoke":
-        agg += ["--shapes", "256x256,512x256", "--clients", "4", "--rank", "4", "--repeats", "2", "--dense-repeats", "1"]
+        agg += ["--shapes", "256x256,512x256", "--clients", "4", "--rank", "4", "--repeats", "2",
+                "--dense-repeats", "1"]
         ovh += ["--quick", "--clients", "2", "--rounds", "1", "--local_steps", "3"]
     elif mode == "quick":
         agg += ["--quick"]
@@ -112,7 +114,8 @@ def to_markdown(s: dict) -> str:
                  f"over the same samples | sketch **{g['ga_start_sketch_vs_fwd_bwd']:.2f}x**, dense "
                  f"{g['ga_start_dense_vs_fwd_bwd']:.2f}x |")
     lines.append(f"| FedSmoothLoRA client round ({gs['local_steps']} steps x batch {gs['batch']}) | time vs FedIT's | "
-                 f"sketch **{g['client_round_sketch_vs_fedit']:.2f}x**, dense {g['client_round_dense_vs_fedit']:.2f}x |")
+                 f"sketch **{g['client_round_sketch_vs_fedit']:.2f}x**, "
+                 f"dense {g['client_round_dense_vs_fedit']:.2f}x |")
     lines.append(f"| GA estimate memory | sketches / dense fp32 gradients (own accounting; extra peak RSS) | "
                  f"**{100 * g['memory_fraction_accounted']:.1f}%** ({100 * g['memory_fraction_rss']:.1f}%) |")
     lines.append(f"| GA accuracy | gradient energy of the sketched GA factors vs exact (mean / min over layers) | "
@@ -142,8 +145,8 @@ def to_markdown(s: dict) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small sizes, < 10 min on 2 cores")
-    mode.add_argument("--smoke", action="store_true", help="CI sizes, < 1 min")
+    mode.add_argument("--quick", action="store_true", help="small sizes")
+    mode.add_argument("--smoke", action="store_true", help="CI sizes")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     a = p.parse_args(argv)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS_DIR, ROOT, machine, pyplot  # noqa: E402
+from benchmarks._common import RESULTS_DIR, ROOT, machine  # noqa: E402
+from recipes.plots import pyplot  # noqa: E402
 
 # isort: split
 
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 from benchmarks.overhead import PeakRSS, build_data, lora_model, training_args  # noqa: E402
-from fedsmooth_hf import FederatedArguments, FederatedTrainer  # noqa: E402
+from fedsmooth_hf import FederatedArguments, FederatedTrainer, FedSmoothLoRAConfig  # noqa: E402
 from fedsmooth_hf.strategies import available_strategies  # noqa: E402
 
 TINY = "tiny-llama"  # benchmarks.overhead's 4-layer Llama (d=128) built from a config
@@ -45,9 +46,9 @@ MEMORY_RANK = 4  # per-client state is K r (d_in + d_out) numbers: 128 clients x
 def _federated(strategy: str, clients: int, rounds: int, local_steps: int, batch: int, rank: int,
                ga_samples: int, data, out: str, **extra) -> FederatedTrainer:
     fed = FederatedArguments(strategy=strategy, num_clients=clients, num_rounds=rounds, local_steps=local_steps,
-                             lora_r=rank, lora_alpha=2 * rank, ga_samples=ga_samples, ga_batch_size=batch,
-                             eval_rounds=0, **extra)
-    trainer = FederatedTrainer(model=lora_model(TINY, rank), args=training_args(out, batch), fed_args=fed,
+                             lora_r=rank, lora_alpha=2 * rank, eval_rounds=0, **extra)
+    method = FedSmoothLoRAConfig(ga_samples=ga_samples, ga_batch_size=batch)
+    trainer = FederatedTrainer(model=lora_model(TINY, rank, method), args=training_args(out, batch), fed_args=fed,
                                train_dataset=data)
     trainer.remove_callback(PrinterCallback)  # disable_tqdm would print every local round's summary
     return trainer
@@ -78,7 +79,7 @@ def _wire_bytes(strategy, client: int, upload) -> int:
 
 def analytic_upload_bytes(model, rank: int, bytes_per_number: int = 4) -> tuple[int, int]:
     """(sum over LoRA target modules of r (d_in + d_out) * bytes, number of modules)."""
-    from fedsmooth_hf.adapter import find_target_modules
+    from fedsmooth_hf.model.adapter import find_target_modules
 
     modules = dict(model.named_modules())
     shapes = [modules[name].weight.shape for name in find_target_modules(model)]
@@ -147,7 +148,7 @@ def communication(out_dir: Path, smoke: bool = False) -> dict:
 
 
 def _target_linears(trainer):
-    from fedsmooth_hf.adapter import lora_layers
+    from fedsmooth_hf.model.adapter import lora_layers
 
     return [layer.base_layer for layer in lora_layers(trainer.model).values()]
 

@@ -1,8 +1,12 @@
-"""What every recipe does the same way: read its arguments, guard its output folder, save and push.
+"""What every recipe does the same way: read its arguments, describe its run, guard its output folder, save and push.
 
 Arguments layer in one order in every recipe: command line > config file > recipe defaults >
 library defaults. The recipe defaults are the parser's own defaults, so ``--help`` shows the
 values a run really uses.
+
+Every recipe's ``build(...)`` returns one [`RecipeBuild`]: the `FederatedTrainer`'s keyword arguments
+and what the run is about. The recipe's ``main``, the Flower app (recipes/flower) and the convergence
+benchmark (benchmarks/convergence.py) all build through it.
 """
 
 from __future__ import annotations
@@ -10,14 +14,79 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from fedsmooth_hf import FederatedArguments
+from fedsmooth_hf import FederatedArguments, FederatedLoraConfig, FederatedTrainer, FedSmoothLoRAConfig
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 RESUME_LATEST = ("true", "1")  # --resume_from_checkpoint values meaning "the latest round-<k> in output_dir"
+
+#: What a recipe trains (`RecipeBuild.task`).
+CAUSAL_LM = "causal-lm"
+IMAGE_CLASSIFICATION = "image-classification"
+SEQUENCE_CLASSIFICATION = "sequence-classification"
+
+
+@dataclass
+class RecipeBuild:
+    """What every recipe's ``build(...)`` returns: the trainer's arguments and what the run is about.
+
+    Args:
+        trainer_kwargs (`dict`):
+            Keyword arguments of `FederatedTrainer`: `model`, `args`, `fed_args`, `peft_config` (a
+            `FederatedLoraConfig` carrying the `FedSmoothLoRAConfig`), `train_dataset`, `eval_dataset`,
+            `data_collator`, `processing_class`, `callbacks` and, for the classifiers, `compute_metrics`.
+        task (`str`):
+            What is trained: `"causal-lm"`, `"image-classification"` or `"sequence-classification"`.
+        model_name (`str`):
+            The model, as reports name it (a checkpoint id, or what the offline default built).
+        data_source (`str`):
+            Where the data came from, as reports name it.
+        class_names (`list[str]`, *optional*):
+            The classifiers' label names in label-id order.
+        pretraining (`dict`, *optional*):
+            What a pretraining before the federation did (the ViT recipe's offline default: task, steps,
+            holdout accuracy, seconds); `None` when the model came pretrained.
+        eval_prompts (`list[str]`, *optional*):
+            Prompts the generative recipe answers before and after training.
+    """
+
+    trainer_kwargs: dict
+    task: str
+    model_name: str
+    data_source: str
+    class_names: list[str] | None = None
+    pretraining: dict | None = None
+    eval_prompts: list[str] = field(default_factory=list)
+
+    @property
+    def args(self) -> TrainingArguments:
+        """The run's `TrainingArguments`."""
+        return self.trainer_kwargs["args"]
+
+    @property
+    def fed_args(self) -> FederatedArguments:
+        """The run's `FederatedArguments`."""
+        return self.trainer_kwargs["fed_args"]
+
+    @property
+    def method(self) -> FedSmoothLoRAConfig | None:
+        """FedSmoothLoRA's options, as the LoRA config carries them."""
+        peft_config = self.trainer_kwargs.get("peft_config")
+        return getattr(peft_config, "fedsmoothlora_config", None)
+
+    def make_trainer(self, **overrides) -> FederatedTrainer:
+        """Returns a `FederatedTrainer` of `trainer_kwargs`; `overrides` replace (or add) keyword arguments."""
+        return FederatedTrainer(**{**self.trainer_kwargs, **overrides})
+
+    def describe(self) -> dict:
+        """Returns the run in four entries: `model`, `data`, `train` and `eval` (the number of examples)."""
+        evals = self.trainer_kwargs.get("eval_dataset")
+        return {"model": self.model_name, "data": self.data_source, "train": len(self.trainer_kwargs["train_dataset"]),
+                "eval": 0 if evals is None else len(evals)}
 
 
 def read_config(path: str) -> dict:
@@ -35,8 +104,13 @@ def read_config(path: str) -> dict:
 
 
 def recipe_parser(recipe_arguments: type, defaults: dict) -> HfArgumentParser:
-    """The parser of (TrainingArguments, FederatedArguments, recipe_arguments), with the recipe's defaults."""
-    parser = HfArgumentParser((TrainingArguments, FederatedArguments, recipe_arguments))
+    """The parser of the four groups (TrainingArguments, FederatedArguments, FedSmoothLoRAConfig, recipe_arguments).
+
+    Args:
+        recipe_arguments (`type`): The recipe's own dataclass.
+        defaults (`dict`): The recipe's defaults, set as the parser's own (so `--help` shows them).
+    """
+    parser = HfArgumentParser((TrainingArguments, FederatedArguments, FedSmoothLoRAConfig, recipe_arguments))
     set_defaults(parser, defaults, source="recipe DEFAULTS")
     return parser
 
@@ -69,7 +143,16 @@ def _as_parsed(action, value):
 
 
 def parse_recipe_args(recipe_arguments: type, defaults: dict, argv: list[str]):
-    """(TrainingArguments, FederatedArguments, recipe arguments) from ``[config.yaml|config.json] [--flag value ...]``."""
+    """Parses a recipe's command line: ``[config.yaml|config.json] [--flag value ...]``.
+
+    Args:
+        recipe_arguments (`type`): The recipe's own dataclass of model and data arguments.
+        defaults (`dict`): The recipe's defaults of any of the four groups (`--help` shows them).
+        argv (`list[str]`): The command line without the program name.
+
+    Returns:
+        `(TrainingArguments, FederatedArguments, FedSmoothLoRAConfig, recipe_arguments)`.
+    """
     parser = recipe_parser(recipe_arguments, defaults)
     argv, config = list(argv), {}
     if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
@@ -77,9 +160,26 @@ def parse_recipe_args(recipe_arguments: type, defaults: dict, argv: list[str]):
         set_defaults(parser, config, source=argv[0])
         argv = argv[1:]
     _fit_clients_per_round(parser, defaults, config, argv)
-    args, fed_args, recipe_args = parser.parse_args_into_dataclasses(args=argv)
+    args, fed_args, method, recipe_args = parser.parse_args_into_dataclasses(args=argv)
     check_resume(args)
-    return args, fed_args, recipe_args
+    return args, fed_args, method, recipe_args
+
+
+def lora_config(fed_args: FederatedArguments, method: FedSmoothLoRAConfig | None) -> FederatedLoraConfig:
+    """The run's LoRA config: `fed_args`' LoRA fields, carrying FedSmoothLoRA's options (`method`).
+
+    Args:
+        fed_args (`FederatedArguments`): `lora_r`, `lora_alpha`, `lora_dropout`, `use_rslora`,
+            `target_modules` (`None`: every `nn.Linear` but the output head) and `modules_to_save`.
+        method (`FedSmoothLoRAConfig`, *optional*): The method's options (read by the `fedsmoothlora`
+            strategy only); `None`: its defaults.
+
+    Returns:
+        `FederatedLoraConfig`: the `peft_config` of `FederatedTrainer`.
+    """
+    return FederatedLoraConfig(r=fed_args.lora_r, lora_alpha=fed_args.lora_alpha, lora_dropout=fed_args.lora_dropout,
+                               use_rslora=fed_args.use_rslora, target_modules=fed_args.target_modules,
+                               modules_to_save=fed_args.modules_to_save, fedsmoothlora_config=method)
 
 
 def _fit_clients_per_round(parser: HfArgumentParser, defaults: dict, config: dict, argv: list[str]) -> None:

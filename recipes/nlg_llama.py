@@ -1,6 +1,6 @@
 """Federated instruction tuning of a LLaMA-style causal LM with FedSmoothLoRA (or a baseline).
 
-    accelerate launch recipes/nlg_llama.py                       # offline default, ~10 min on 2 CPU cores
+    accelerate launch recipes/nlg_llama.py                       # offline default
     accelerate launch recipes/nlg_llama.py --model_name_or_path meta-llama/Llama-3.2-1B \\
         --data_files my_data.json --num_clients 20 --num_rounds 50 --bf16
     accelerate launch recipes/nlg_llama.py --load_in_4bit         # QLoRA (bitsandbytes NF4)
@@ -14,13 +14,12 @@ response tokens only. It prints the eval loss and perplexity of the global model
 one generation before and after training, and saves the merged model.
 
 Arguments layer as command line > config file > the recipe's DEFAULTS > library defaults;
-``--help`` shows the values a run uses. ``build`` gives the FederatedTrainer's arguments: this
-recipe's ``main``, the Flower app (recipes/flower) and benchmarks/convergence.py all use it.
+``--help`` shows the values a run uses. ``build`` returns a ``recipes.common.RecipeBuild``: this
+recipe's ``main``, the Flower app (recipes/flower) and benchmarks/convergence.py all build through it.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,12 +29,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `recipes.*` under accelerate launch too
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed  # noqa: E402
+from transformers import AutoModelForCausalLM, TrainingArguments, set_seed  # noqa: E402
 
-from fedsmooth_hf import FederatedArguments, FederatedTrainer  # noqa: E402
-from fedsmooth_hf.callbacks import RoundPrinterCallback  # noqa: E402
-from fedsmooth_hf.partition import partition_summary  # noqa: E402
-from recipes.common import output_dir_guard, parse_recipe_args, resume_argument, save_and_push  # noqa: E402
+from fedsmooth_hf import FederatedArguments, FederatedTrainer, FedSmoothLoRAConfig  # noqa: E402
+from fedsmooth_hf.data.partition import partition_summary  # noqa: E402
+from fedsmooth_hf.engine.callbacks import RoundPrinterCallback  # noqa: E402
+from recipes.common import (  # noqa: E402
+    CAUSAL_LM,
+    RecipeBuild,
+    lora_config,
+    output_dir_guard,
+    parse_recipe_args,
+    resume_argument,
+    save_and_push,
+)
+from recipes.loading import hold_out, load_tokenizer, load_user_data, subsample  # noqa: E402
+
+OFFLINE_MODEL = "SmolLM2-135M-Instruct"
+OFFLINE_DATA = "WordNet definitions (recipes/data)"
 
 PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 PLAIN_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -101,12 +112,16 @@ DEFAULTS = {
 
 
 def parse_args(argv: list[str] | None = None):
-    """(TrainingArguments, FederatedArguments, ModelDataArguments): ``[config.yaml|.json] [--flag value ...]``."""
+    """Parses `[config.yaml|.json] [--flag value ...]` (`sys.argv` by default).
+
+    Returns:
+        `(TrainingArguments, FederatedArguments, FedSmoothLoRAConfig, ModelDataArguments)`.
+    """
     return parse_recipe_args(ModelDataArguments, DEFAULTS, sys.argv[1:] if argv is None else argv)
 
 
 def model_path(md: ModelDataArguments) -> str:
-    """--model_name_or_path, or the offline default SmolLM2-135M-Instruct."""
+    """Returns `--model_name_or_path`, or the offline default SmolLM2-135M-Instruct (converted once from its GGUF)."""
     if md.model_name_or_path is not None:
         return md.model_name_or_path
     from recipes.offline_assets import smollm2_checkpoint
@@ -116,16 +131,16 @@ def model_path(md: ModelDataArguments) -> str:
     return path
 
 
-def load_tokenizer(path: str):
-    """The model's tokenizer, with a pad token (the eos token where it has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def load_model_and_tokenizer(md: ModelDataArguments, args: TrainingArguments):
-    """The base model (fp32/bf16, or 4-bit NF4) and its tokenizer, with a pad token."""
+    """Loads the base model and its tokenizer (with a pad token).
+
+    Args:
+        md (`ModelDataArguments`): `model_name_or_path` and `load_in_4bit` (NF4 with double quantization).
+        args (`TrainingArguments`): `bf16` loads the weights (or the 4-bit compute dtype) in bfloat16.
+
+    Returns:
+        `(model, tokenizer)`.
+    """
     path = model_path(md)
     kwargs = {}
     if md.load_in_4bit:
@@ -144,75 +159,38 @@ def load_model_and_tokenizer(md: ModelDataArguments, args: TrainingArguments):
 
 
 def load_raw_data(md: ModelDataArguments, seed: int):
-    """(train, eval) datasets with at least the instruction/output columns."""
-    import datasets
+    """Loads the raw rows: the offline WordNet default, `--data_files` or `--dataset_name`.
 
+    Args:
+        md (`ModelDataArguments`): Which data, its columns and subset sizes.
+        seed (`int`): Seed of the held-out split (5% of the training rows where the source has none) and subsets.
+
+    Returns:
+        `(train, evals)`: two `datasets.Dataset` with at least the instruction and output columns.
+    """
     if md.dataset_name is None and md.data_files is None:
         from recipes.offline_assets import load_wordnet_instructions
 
         print("[recipe] offline default data: WordNet definitions (recipes/data), clients split by category")
         train, evals = load_wordnet_instructions("train"), load_wordnet_instructions("eval")
-    elif md.data_files is not None:
-        ext = Path(md.data_files[0]).suffix.lstrip(".")
-        kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
-        if kind is None:
-            raise ValueError(f"--data_files: unsupported extension '.{ext}' (use json, jsonl, csv or parquet)")
-        files = {"train": md.data_files}
-        if md.eval_files:
-            files["eval"] = md.eval_files
-        try:
-            loaded = datasets.load_dataset(kind, data_files=files)
-        except Exception as err:
-            bad = first_bad_json_row([*md.data_files, *(md.eval_files or [])]) if kind == "json" else None
-            if bad is None:
-                raise
-            raise ValueError(f"--data_files/--eval_files: {bad}") from err
-        train = loaded["train"]
-        evals = loaded["eval"] if "eval" in loaded else None
     else:
-        loaded = datasets.load_dataset(md.dataset_name, md.dataset_config)
-        train = loaded["train"]
-        evals = next((loaded[s] for s in ("validation", "test", "eval") if s in loaded), None)
-    if evals is None:
-        split = train.train_test_split(test_size=0.05, seed=seed)
-        train, evals = split["train"], split["test"]
+        train, evals = load_user_data(md.dataset_name, md.dataset_config, md.data_files, md.eval_files)
+        train, evals = hold_out(train, evals, seed)
     for col in (md.instruction_column, md.output_column):
         if col not in train.column_names:
             raise ValueError(f"column '{col}' not in the training data; columns are {train.column_names}")
-    if md.max_train_samples is not None:
-        train = train.shuffle(seed=seed).select(range(min(md.max_train_samples, len(train))))
-    if md.max_eval_samples is not None:
-        evals = evals.shuffle(seed=seed).select(range(min(md.max_eval_samples, len(evals))))
-    return train, evals
-
-
-def first_bad_json_row(paths: list[str]) -> str | None:
-    """'FILE: row N ...' for the first line of a JSON-lines file that is not a JSON object, else None.
-
-    ``datasets`` reports a malformed file as a generic DatasetGenerationError with the cause far up
-    the traceback; this names the file and the row. A file that parses as one JSON document is fine.
-    """
-    for path in paths:
-        text = Path(path).read_text(encoding="utf-8")
-        try:
-            json.loads(text)
-            continue
-        except json.JSONDecodeError:
-            pass
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                return f"{path}: row {number} is not valid JSON ({err.msg} at character {err.colno}): {line[:80]!r}"
-            if not isinstance(row, dict):
-                return f"{path}: row {number} is a JSON {type(row).__name__}, not an object of columns"
-    return None
+    return subsample(train, md.max_train_samples, seed), subsample(evals, md.max_eval_samples, seed)
 
 
 def build_prompt(tokenizer, md: ModelDataArguments, instruction: str, extra: str | None) -> str:
-    """The prompt text: chat template (user turn + assistant header) or a plain instruction template."""
+    """Returns the prompt text: the chat template (user turn + assistant header) or a plain instruction template.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): The model's tokenizer (its chat template, if any).
+        md (`ModelDataArguments`): `use_chat_template`.
+        instruction (`str`): The instruction.
+        extra (`str`, *optional*): The row's extra input, appended to the instruction.
+    """
     if md.use_chat_template and getattr(tokenizer, "chat_template", None):
         content = instruction if not extra else f"{instruction}\n\n{extra}"
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
@@ -223,9 +201,18 @@ def build_prompt(tokenizer, md: ModelDataArguments, instruction: str, extra: str
 
 
 def tokenize_dataset(dataset, tokenizer, md: ModelDataArguments, keep: tuple[str, ...] = ("category",)):
-    """input_ids / labels with the prompt masked to -100: the loss covers the response only.
+    """Tokenizes prompt + response; the prompt's labels are -100, so the loss covers the response only.
 
-    The columns named in ``keep`` (those the clients are split by) stay beside the tokens.
+    Args:
+        dataset (`datasets.Dataset`): Rows with the instruction, optional input and output columns.
+        tokenizer (`PreTrainedTokenizerBase`): The model's tokenizer.
+        md (`ModelDataArguments`): The column names, `max_length` and the prompt format.
+        keep (`tuple[str, ...]`, *optional*, defaults to `("category",)`): Columns that stay beside the
+            tokens (those the clients are split by).
+
+    Returns:
+        `datasets.Dataset` with `input_ids`, `attention_mask`, `labels` and the `keep` columns; rows
+        whose response lies wholly beyond `max_length` are dropped.
     """
     has_input = md.input_column is not None and md.input_column in dataset.column_names
 
@@ -243,7 +230,11 @@ def tokenize_dataset(dataset, tokenizer, md: ModelDataArguments, keep: tuple[str
 
 
 class PadCollator:
-    """Right-pads a batch: input_ids with the pad id, labels with -100 (pad never counts in the loss)."""
+    """Right-pads a batch: input_ids with the pad id, labels with -100 (pad never counts in the loss).
+
+    Args:
+        pad_token_id (`int`): The tokenizer's pad id.
+    """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -261,7 +252,7 @@ class PadCollator:
 
 @torch.no_grad()
 def generate(trainer: FederatedTrainer, tokenizer, md: ModelDataArguments) -> str:
-    """Greedy generation by the current global model."""
+    """Returns the current global model's greedy answer to `md.generation_prompt` (`md.max_new_tokens` at most)."""
     prompt = build_prompt(tokenizer, md, md.generation_prompt, None)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(trainer.args.device)
     with trainer.global_model() as model:
@@ -274,7 +265,21 @@ def generate(trainer: FederatedTrainer, tokenizer, md: ModelDataArguments) -> st
 
 
 def load_data(md: ModelDataArguments, tokenizer, seed: int, keep: tuple[str, ...]):
-    """(train, eval) tokenized; train keeps the ``keep`` columns for the partition, eval keeps none."""
+    """Loads and tokenizes the data.
+
+    Args:
+        md (`ModelDataArguments`): Which data, its columns and sizes.
+        tokenizer (`PreTrainedTokenizerBase`): The model's tokenizer.
+        seed (`int`): Seed of the held-out split and subsets.
+        keep (`tuple[str, ...]`): Training columns kept for the partition (the eval set keeps none).
+
+    Returns:
+        `(train, eval)`: tokenized datasets.
+
+    Raises:
+        `ValueError`: a `keep` column that is not in the data, or no row with a response token within
+            `max_length`.
+    """
     train_raw, eval_raw = load_raw_data(md, seed)
     missing = [c for c in keep if c not in train_raw.column_names]
     if missing:
@@ -291,12 +296,21 @@ def load_data(md: ModelDataArguments, tokenizer, seed: int, keep: tuple[str, ...
     return train, evals
 
 
-def build(args: TrainingArguments, fed_args: FederatedArguments, md: ModelDataArguments, data=None) -> dict:
-    """The FederatedTrainer's keyword arguments: model, datasets, collator, tokenizer, round printer.
+def build(args: TrainingArguments, fed_args: FederatedArguments, method: FedSmoothLoRAConfig | None,
+          md: ModelDataArguments, data=None) -> RecipeBuild:
+    """Builds the run: model, LoRA config, tokenized data, collator, tokenizer and round printer.
 
-    ``data``: (train, eval) from :func:`load_data`, for a caller that reuses one tokenized copy
-    over many runs; by default it is loaded here. Seeding is the caller's (the LoRA init draws
-    from the global RNG when the trainer wraps the model).
+    Args:
+        args (`TrainingArguments`): The run's training arguments.
+        fed_args (`FederatedArguments`): The federation's arguments.
+        method (`FedSmoothLoRAConfig`, *optional*): FedSmoothLoRA's options, carried by the LoRA config.
+        md (`ModelDataArguments`): Which model and data.
+        data (`tuple`, *optional*): `(train, eval)` from [`load_data`], for a caller that reuses one
+            tokenized copy over many runs; by default it is loaded here.
+
+    Returns:
+        [`RecipeBuild`]: the trainer's keyword arguments, with `eval_prompts` the before/after prompt.
+        Seeding is the caller's (the LoRA init draws from the global RNG when the trainer wraps the model).
     """
     model, tokenizer = load_model_and_tokenizer(md, args)
     if data is None:
@@ -304,24 +318,28 @@ def build(args: TrainingArguments, fed_args: FederatedArguments, md: ModelDataAr
         with args.main_process_first(desc="tokenize"):
             data = load_data(md, tokenizer, args.seed, keep)
     train_ds, eval_ds = data
-    return dict(
-        model=model,
-        args=args,
-        fed_args=fed_args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=PadCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=[RoundPrinterCallback(keys=("train_loss", "eval_loss", "client_eval_loss_mean", "client_eval_loss_worst"), perplexity=True)],
-    )
+    keys = ("train_loss", "eval_loss", "client_eval_loss_mean", "client_eval_loss_worst")
+    kwargs = dict(model=model, args=args, fed_args=fed_args, peft_config=lora_config(fed_args, method),
+                  train_dataset=train_ds, eval_dataset=eval_ds, data_collator=PadCollator(tokenizer.pad_token_id),
+                  processing_class=tokenizer, callbacks=[RoundPrinterCallback(keys=keys, perplexity=True)])
+    offline_data = md.dataset_name is None and md.data_files is None
+    return RecipeBuild(trainer_kwargs=kwargs, task=CAUSAL_LM, model_name=md.model_name_or_path or OFFLINE_MODEL,
+                       data_source=OFFLINE_DATA if offline_data else md.dataset_name or ", ".join(md.data_files),
+                       eval_prompts=[md.generation_prompt])
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, fed_args, md = parse_args(argv)
+    """Runs the recipe on `[config.yaml|.json] [--flag value ...]` (`sys.argv` by default).
+
+    Returns:
+        `dict`: the content of `results.json`.
+    """
+    args, fed_args, method, md = parse_args(argv)
     t0 = time.perf_counter()
     with output_dir_guard(args.output_dir):
         set_seed(args.seed)
-        trainer = FederatedTrainer(**build(args, fed_args, md))
+        run = build(args, fed_args, method, md)
+        trainer = run.make_trainer()
         tokenizer = trainer.processing_class
         main_proc = trainer.is_world_process_zero()
         if main_proc:
@@ -336,6 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
         after = generate(trainer, tokenizer, md)
         results = {
             "strategy": fed_args.strategy,
+            "model": run.model_name,
+            "data_source": run.data_source,
             "round_history": trainer.round_history,
             "generation_after": after,
             "wall_time_s": time.perf_counter() - t0,

@@ -47,7 +47,12 @@ def load_wordnet_instructions(split: str = "train") -> Dataset:
 
     Columns: ``instruction``, ``input`` (always empty), ``output`` (the definition) and
     ``category`` (WordNet lexicographer file, e.g. ``noun.animal``: a natural non-IID client key).
-    ``split`` is ``"train"`` or ``"eval"``; the two share no instruction.
+
+    Args:
+        split (`str`, *optional*, defaults to `"train"`): `"train"` or `"eval"`; the two share no instruction.
+
+    Raises:
+        `ValueError`: any other split.
     """
     paths = {"train": WORDNET_TRAIN, "eval": WORDNET_EVAL}
     if split not in paths:
@@ -83,8 +88,12 @@ def load_smollm2(torch_dtype: torch.dtype = torch.float32) -> tuple[LlamaForCaus
     ``LlamaForCausalLM`` built from the same config (minus the quantization entry), which saves,
     reloads and trains like any Hub checkpoint. Input and output embeddings are tied in SmolLM2.
 
-    Returns ``(model, tokenizer)``; the model is in eval mode and the tokenizer has a pad token
-    (its EOS token if the GGUF defines none) and the ChatML chat template from the GGUF.
+    Args:
+        torch_dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): The weights' dtype.
+
+    Returns:
+        `(model, tokenizer)`: the model in eval mode; the tokenizer with a pad token (its EOS token if
+        the GGUF defines none) and the ChatML chat template from the GGUF.
     """
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -108,9 +117,15 @@ def load_smollm2(torch_dtype: torch.dtype = torch.float32) -> tuple[LlamaForCaus
 def smollm2_checkpoint(cache_dir: str | Path | None = None) -> Path:
     """A regular safetensors checkpoint directory of SmolLM2-135M-Instruct, converted once from the GGUF.
 
-    ``from_pretrained`` on it takes a second instead of ~20 s of GGUF parsing, and accepts what a
-    GGUF file does not (``quantization_config`` for QLoRA, DeepSpeed zero.Init). Default cache:
-    ``$FEDSMOOTH_CACHE`` or ``~/.cache/fedsmooth_hf``.
+    ``from_pretrained`` on it skips the slow GGUF parsing of every load, and accepts what a
+    GGUF file does not (``quantization_config`` for QLoRA, DeepSpeed zero.Init).
+
+    Args:
+        cache_dir (`str` or `Path`, *optional*): Where the checkpoint is kept; defaults to
+            `$FEDSMOOTH_CACHE` or `~/.cache/fedsmooth_hf`.
+
+    Returns:
+        `Path`: the checkpoint directory (model and tokenizer).
     """
     import os
 
@@ -196,14 +211,20 @@ def load_image_classification_data(
 ) -> tuple[Dataset, Dataset, list[str], str]:
     """A 10-class 28x28 grayscale image classification task, fully offline.
 
-    Returns ``(train, test, class_names, source)``. Each dataset has ``pixel_values``, float32 of
-    shape (1, 28, 28) scaled to [0, 1], and ``label`` (a ``ClassLabel``, 0-9); both are formatted
-    as torch tensors so ``transformers.default_data_collator`` batches them directly.
+    The data is Fashion-MNIST (60k/10k, from Debian's ``dataset-fashion-mnist``) or, when that
+    package is not installed, scikit-learn's 1797 upsampled 8x8 digits, split 80/20 with ``seed``
+    (a warning is logged).
 
-    ``source`` is ``"fashion-mnist"`` (60k/10k, from Debian's ``dataset-fashion-mnist``) or, when
-    that package is not installed, ``"sklearn-digits"`` (1797 upsampled 8x8 digits, split 80/20
-    with ``seed``; a warning is logged). ``max_train``/``max_test`` draw a seeded, class-balanced
-    subset of each split.
+    Args:
+        max_train (`int`, *optional*): Size of a seeded, class-balanced subset of the training split.
+        max_test (`int`, *optional*): The same for the test split.
+        seed (`int`, *optional*, defaults to 0): Seed of the subsets (and of the digits' split).
+
+    Returns:
+        `(train, test, class_names, source)`: each dataset has ``pixel_values``, float32 of shape
+        (1, 28, 28) scaled to [0, 1], and ``label`` (a ``ClassLabel``, 0-9), formatted as torch
+        tensors so ``transformers.default_data_collator`` batches them directly; ``source`` is
+        `"fashion-mnist"` or `"sklearn-digits"`.
     """
     files = find_fashion_mnist_files()
     if files is not None:

@@ -6,10 +6,10 @@ import it by name.
 
 from __future__ import annotations
 
-from conftest import make_counting_dataset
+from support.tiny import make_counting_dataset
 from transformers import LlamaForCausalLM, TrainingArguments, set_seed
 
-from fedsmooth_hf import FederatedArguments, FederatedTrainer
+from fedsmooth_hf import FederatedArguments, FederatedLoraConfig, FederatedTrainer, FedSmoothLoRAConfig
 
 CONFIG = {
     "strategy": "fedsmoothlora",
@@ -24,8 +24,7 @@ def federated_arguments(config) -> FederatedArguments:
     ranks = str(config.get("client-ranks", ""))  # e.g. "2,4" (run config values are scalars)
     return FederatedArguments(strategy=str(config["strategy"]), num_clients=int(config["num-clients"]),
                               num_rounds=int(config["num-rounds"]), local_steps=int(config["local-steps"]),
-                              lora_r=4, lora_alpha=8, ga_samples=8, ga_batch_size=8,
-                              eval_rounds=int(config.get("eval-rounds", 0)),
+                              lora_r=4, lora_alpha=8, eval_rounds=int(config.get("eval-rounds", 0)),
                               client_eval_fraction=float(config.get("client-eval-fraction", 0.0)),
                               client_ranks=[int(r) for r in ranks.split(",") if r])
 
@@ -37,6 +36,9 @@ def build_trainer(partition_id, config) -> FederatedTrainer:
     args = TrainingArguments(output_dir=str(config["trainer-output-dir"]), per_device_train_batch_size=8,
                              learning_rate=5e-3, report_to="none", use_cpu=True, disable_tqdm=True,
                              save_strategy="no", logging_steps=1, seed=7)
+    fed_args = federated_arguments(config)
+    peft_config = FederatedLoraConfig(r=fed_args.lora_r, lora_alpha=fed_args.lora_alpha,
+                                      fedsmoothlora_config=FedSmoothLoRAConfig(ga_samples=8, ga_batch_size=8))
     return FederatedTrainer(model=LlamaForCausalLM.from_pretrained(str(config["model-path"])), args=args,
-                            fed_args=federated_arguments(config),
+                            fed_args=fed_args, peft_config=peft_config,
                             train_dataset=make_counting_dataset(int(config["num-examples"]), with_category=False))

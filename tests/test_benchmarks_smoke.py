@@ -1,4 +1,4 @@
-"""CI smoke of the benchmark scripts: ``run_all.py --smoke`` and ``convergence.py --task tiny``.
+"""CI smoke of the benchmark scripts: ``run_all.py --smoke``, ``convergence.py --task tiny`` and ``--task lm-cls``.
 
 The real sweeps take an hour (docs/benchmarks.md); these run the same code paths at sizes of
 seconds and check that the figures they report are the ones the code claims to measure.
@@ -73,7 +73,7 @@ def test_run_all_smoke_writes_sane_summary(tmp_path):
 
 def _check_ga_cost(result: dict) -> None:
     """ga_cost.json reports what its code measured: byte counts from the sketch sizes, ratios from seconds."""
-    from fedsmooth_hf.sketch import sketch_sizes
+    from fedsmooth_hf.math.sketch import sketch_sizes
 
     model, rounds = result["model"], result["client_rounds"]
     best = model["seconds_best"]
@@ -152,10 +152,48 @@ def test_client_loss_jump_and_rounds_to_reach():
               {"round": 3, "client": 1, "losses": [1.1, 0.8]}]
     # client 0: 1.5 - 1.2 (round 2 vs 1); client 1 skipped round 2: 1.1 - 0.9 (round 3 vs 1)
     assert [round(j, 6) for j in client_loss_jumps(traces)] == [0.3, 0.2]
-    series = [{"round": 0, "eval_accuracy": 0.1, "eval_loss": 2.0}, {"round": 1, "eval_accuracy": 0.5, "eval_loss": 1.0},
+    series = [{"round": 0, "eval_accuracy": 0.1, "eval_loss": 2.0},
+              {"round": 1, "eval_accuracy": 0.5, "eval_loss": 1.0},
               {"round": 2, "eval_accuracy": 0.7, "eval_loss": 0.8}]
     assert rounds_to_reach(series, "eval_accuracy", 0.6) == 2
     timed = [{**r, "train_wall_s": 10.0 * r["round"]} for r in series]
     assert seconds_to_reach(timed, 2) == 20.0 and seconds_to_reach(timed, None) is None
     assert rounds_to_reach(series, "eval_loss", 1.0) == 1
     assert rounds_to_reach(series, "eval_accuracy", 0.9) is None
+
+
+def _documented_convergence_commands() -> list[list[str]]:
+    """Every ``python benchmarks/convergence.py ...`` command line of docs/benchmarks.md and README.md, as argv."""
+    import re
+    import shlex
+
+    text = " ".join((ROOT / name).read_text() for name in ("docs/benchmarks.md", "README.md"))
+    text = re.sub(r"\s+", " ", text)  # a command may wrap over two lines inside a bullet
+    commands = re.findall(r"python benchmarks/convergence\.py ((?:--[\w-]+(?: [^\s`#-][^\s`#]*)? ?)+)", text)
+    return [shlex.split(c) for c in commands]
+
+
+def test_every_documented_convergence_command_parses_and_its_runs_are_recipe_command_lines(tmp_path):
+    """The documented sweeps keep working: each command parses, and every run of each task (every partition,
+    strategy and ablation variant) is a valid command line of the recipe the task builds through."""
+    from benchmarks.convergence_suite.runner import build_parser, sweep_plan
+    from benchmarks.convergence_suite.settings import TASKS
+    from benchmarks.convergence_suite.tasks import make_task
+
+    commands = _documented_convergence_commands()
+    tasks = {argv[argv.index("--task") + 1] for argv in commands}
+    assert tasks >= {"vit", "nlg", "vit-ablation", "lm-cls", "nlg8", "vit-participation", "lm-cls-ablation",
+                     "nlg8-ablation"}, commands
+    parser = build_parser()
+    for argv in commands:
+        parser.parse_args(argv)
+    for name, spec in TASKS.items():
+        options, seeds, partitions, configs = sweep_plan(parser.parse_args(["--task", name]), spec)
+        task = make_task(name)
+        for part in partitions.values():
+            for config in configs.values():
+                args, fed, method, recipe_args = task.parse({**options, **part, **config}, 0, str(tmp_path))
+                assert fed.strategy == config["strategy"]
+                for key, value in config.items():  # an ablation's option lands in the method's config
+                    if key != "strategy":
+                        assert str(getattr(method, key)).lower() == str(value).lower(), (name, key)

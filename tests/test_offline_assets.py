@@ -69,12 +69,14 @@ def test_load_wordnet_instructions():
 
 def test_builder_parses_data_lines():
     builder = _load_builder()
-    assert builder.parse_data_line("  1 This software and database is being provided to you, the LICENSEE, by  ") is None
+    licence_line = "  1 This software and database is being provided to you, the LICENSEE, by  "
+    assert builder.parse_data_line(licence_line) is None
     noun = (
         "02121620 05 n 02 house_cat 0 Felis_domesticus 0 001 @ 02121808 n 0000 "
         '| any domesticated member of the genus Felis; "the cat purred"  '
     )
-    assert builder.parse_data_line(noun) == (2121620, "noun.animal", "house cat", "any domesticated member of the genus Felis")
+    assert builder.parse_data_line(noun) == (2121620, "noun.animal", "house cat",
+                                             "any domesticated member of the genus Felis")
     adj = "00005205 00 s 01 galore(ip) 0 001 & 00004980 a 0000 | in great numbers; \"daffodils galore\"  "
     assert builder.parse_data_line(adj) == (5205, "adj.all", "galore", "in great numbers")
     glued_example = '00001740 38 v 01 hitch 0 000 | connect to a vehicle: "hitch the trailer to the car"  '
@@ -183,7 +185,8 @@ def test_smollm2_loads_saves_and_generates(tmp_path):
     reloaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=0)
-    again = reloaded_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    again = reloaded_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                   return_dict=True)
     assert torch.equal(again["input_ids"], inputs["input_ids"])
     assert reloaded_tokenizer.pad_token == tokenizer.pad_token
 

@@ -1,18 +1,16 @@
 """recipes/nlg_llama.py end to end (tiny Llama with SmolLM2's tokenizer), fp32, QLoRA 4-bit and DeepSpeed ZeRO-2/3."""
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_llama_checkpoint
+from support.recipes import ROOT, help_defaults, parsed, run_script
+from support.tiny import save_tiny_llama_checkpoint
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from recipes.nlg_llama import ModelDataArguments, PadCollator, tokenize_dataset  # noqa: E402
 
@@ -27,10 +25,7 @@ def ckpt(tmp_path_factory):
 
 
 def _run(cmd, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout
+    return run_script(cmd, timeout=timeout)
 
 
 def _check_outputs(out_dir, rounds=2):
@@ -50,7 +45,8 @@ def test_prompt_is_masked_and_padding_never_counts(ckpt):
     tok = AutoTokenizer.from_pretrained(ckpt)
     md = ModelDataArguments()
     ds = datasets.Dataset.from_list([
-        {"instruction": 'Define the word "cat".', "input": "", "output": "a small domesticated feline", "category": "a"},
+        {"instruction": 'Define the word "cat".', "input": "", "output": "a small domesticated feline",
+         "category": "a"},
         {"instruction": 'Define the word "run".', "input": "", "output": "move fast", "category": "b"},
     ])
     enc = tokenize_dataset(ds, tok, md)
@@ -142,16 +138,25 @@ def test_own_jsonl_split_by_a_column_of_the_users(ckpt, tmp_path, capsys, partit
     assert (out / "results.json").is_file()
 
 
-def _help_defaults(text: str) -> dict:
-    """flag -> the '(default: X)' that `--help` prints for it."""
-    flat = " ".join(text.split("options:", 1)[1].split())  # the entries, not the usage line
-    found = {}
-    for flag in ("num_clients", "clients_per_round", "ga_samples", "partition", "partition_column",
-                 "learning_rate", "max_eval_samples", "lora_alpha"):
-        match = re.search(rf"--{flag} {flag.upper()}\b.*?\(default: ([^)]*)\)", flat)
-        assert match, f"--{flag} not in --help"
-        found[flag] = match.group(1)
-    return found
+def test_build_returns_the_recipe_contract_with_the_method_options_in_the_lora_config(ckpt, tmp_path):
+    from fedsmooth_hf import FederatedLoraConfig
+    from recipes.common import CAUSAL_LM, RecipeBuild
+    from recipes.nlg_llama import build, parse_args
+
+    args, fed, method, md = parse_args([*_tiny_own_data_args(ckpt, tmp_path), "--output_dir", str(tmp_path / "o"),
+                                        "--partition", "iid", "--zeta_mode", "cosine", "--min_zeta", "0.25"])
+    run = build(args, fed, method, md)
+    assert isinstance(run, RecipeBuild) and run.task == CAUSAL_LM and run.class_names is None
+    assert run.eval_prompts == [md.generation_prompt] and run.model_name == str(ckpt)
+    assert run.data_source.endswith("plays.jsonl") and run.args is args and run.fed_args is fed
+    info = run.describe()
+    assert info["train"] + info["eval"] == 40 and info["eval"] == 2  # 5% of the user's rows held out
+    peft_config = run.trainer_kwargs["peft_config"]
+    assert isinstance(peft_config, FederatedLoraConfig) and (peft_config.r, peft_config.lora_alpha) == (8, 16.0)
+    assert run.method == method
+    trainer = run.make_trainer()
+    assert (trainer.strategy.config.zeta_mode, trainer.strategy.config.min_zeta) == ("cosine", 0.25)
+    assert trainer.strategy.config.ga_samples == 4  # the flag, through the LoRA config
 
 
 def test_help_shows_the_recipe_defaults(capsys):
@@ -161,16 +166,13 @@ def test_help_shows_the_recipe_defaults(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    assert _help_defaults(text) == {"num_clients": "8", "clients_per_round": "4", "ga_samples": "16",
-                                    "partition": "column", "partition_column": "category",
-                                    "learning_rate": "0.0005", "max_eval_samples": "64", "lora_alpha": "16"}
+    flags = ("num_clients", "clients_per_round", "ga_samples", "partition", "partition_column", "learning_rate",
+             "max_eval_samples", "lora_alpha", "zeta_mode", "ga_estimator")
+    assert help_defaults(text, flags) == {"num_clients": "8", "clients_per_round": "4", "ga_samples": "16",
+                                          "partition": "column", "partition_column": "category",
+                                          "learning_rate": "0.0005", "max_eval_samples": "64", "lora_alpha": "16",
+                                          "zeta_mode": "auto", "ga_estimator": "sketch"}
     assert "5 percent of the training rows" in " ".join(text.split())  # --eval_files, no stray '%' format
-
-
-def _parsed(args, fed, md) -> dict:
-    training = args.to_dict()
-    training.pop("logging_dir", None)  # derived from output_dir and the clock when not given
-    return {"training": training, "federated": fed.to_dict(), "recipe": vars(md)}
 
 
 def test_config_file_and_command_line_give_the_same_arguments(tmp_path):
@@ -178,7 +180,7 @@ def test_config_file_and_command_line_give_the_same_arguments(tmp_path):
 
     values = {"output_dir": str(tmp_path / "o"), "strategy": "fedit", "num_clients": 2, "lora_alpha": 32,
               "learning_rate": "1e-3", "target_modules": ["q_proj", "v_proj"], "bf16": False, "max_length": 40,
-              "input_column": "context", "report_to": "none"}
+              "input_column": "context", "report_to": "none", "zeta_mode": "cosine", "min_zeta": 0.5}
     tokens = []
     for key, value in values.items():
         tokens += [f"--{key}", *(value if isinstance(value, list) else [str(value)])]
@@ -186,16 +188,17 @@ def test_config_file_and_command_line_give_the_same_arguments(tmp_path):
     yaml_file.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
     json_file = tmp_path / "run.json"
     json_file.write_text(json.dumps(values))
-    from_command_line = _parsed(*parse_args(tokens))
-    assert _parsed(*parse_args([str(yaml_file)])) == from_command_line
-    assert _parsed(*parse_args([str(json_file)])) == from_command_line
-    args, fed, md = parse_args([str(yaml_file)])
+    from_command_line = parsed(*parse_args(tokens))
+    assert parsed(*parse_args([str(yaml_file)])) == from_command_line
+    assert parsed(*parse_args([str(json_file)])) == from_command_line
+    args, fed, method, md = parse_args([str(yaml_file)])
     # the recipe's defaults lie under the file; the user's num_clients 2 caps the recipe's clients_per_round 4
-    assert (fed.ga_samples, md.max_eval_samples, args.learning_rate) == (DEFAULTS["ga_samples"], 64, 1e-3)
+    assert (method.ga_samples, md.max_eval_samples, args.learning_rate) == (DEFAULTS["ga_samples"], 64, 1e-3)
     assert fed.lora_alpha == 32.0 and fed.clients_per_round == 2 and fed.target_modules == ["q_proj", "v_proj"]
     # the command line overrides the file
-    args, fed, md = parse_args([str(yaml_file), "--num_rounds", "7", "--learning_rate", "2e-3"])
+    args, fed, method, md = parse_args([str(yaml_file), "--num_rounds", "7", "--learning_rate", "2e-3"])
     assert (fed.num_rounds, args.learning_rate, fed.strategy) == (7, 2e-3, "fedit")
+    assert (method.zeta_mode, method.min_zeta) == ("cosine", 0.5)  # FedSmoothLoRAConfig's group, from the file
     (tmp_path / "bad.yaml").write_text("num_client: 2\n")
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['num_client'\]"):
         parse_args([str(tmp_path / "bad.yaml")])
@@ -227,3 +230,59 @@ def test_malformed_jsonl_names_the_file_and_the_row(ckpt, tmp_path):
     with pytest.raises(ValueError, match=rf"{re.escape(str(data))}: row 7 is not valid JSON"):
         main([*args, "--output_dir", str(out), "--partition", "iid"])
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------- every documented command line
+SKIPPED_FLAGS = {"--deepspeed": 1, "--push_to_hub": 0, "--hub_model_id": 1}  # they reach out (DeepSpeed, the Hub)
+
+
+def _documented_recipe_commands() -> list[tuple[str, list[str]]]:
+    """(recipe, flags) of every `recipes/<recipe>.py ...` command line in the docs, README and Makefile."""
+    import shlex
+
+    texts = [p.read_text() for p in (*(ROOT / "docs").glob("*.md"), ROOT / "README.md", ROOT / "Makefile")]
+    commands = []
+    for text in texts:
+        for line in re.sub(r"\\\n\s*", " ", text).splitlines():  # continuation lines joined
+            match = re.search(r"recipes/(nlg_llama|vit_classification|lm_classification)\.py((?: [^#`]*)?)", line)
+            if not match or ("accelerate launch" not in line and "python recipes/" not in line):
+                continue
+            tokens, flags = shlex.split(match.group(2)), []
+            while tokens:
+                token = tokens.pop(0)
+                if token in SKIPPED_FLAGS:
+                    del tokens[:SKIPPED_FLAGS[token]]
+                elif flags or not token.endswith((".yaml", ".json")):  # a leading config file is not a flag
+                    flags.append(token)
+            commands.append((match.group(1), flags))
+    return commands
+
+
+RECIPE_ARGUMENTS = {"nlg_llama": "ModelDataArguments", "vit_classification": "VitArguments",
+                    "lm_classification": "LmClassificationArguments"}
+
+
+def test_every_documented_recipe_command_line_parses(tmp_path):
+    """`...` in a command stands for more flags, or for an elided value after a flag that takes one."""
+    import importlib
+
+    from recipes.common import recipe_parser
+
+    commands = _documented_recipe_commands()
+    assert {recipe for recipe, _ in commands} == set(RECIPE_ARGUMENTS)
+    assert ("nlg_llama", ["--save_rounds", "-1"]) in commands  # make demo
+    for recipe, flags in commands:
+        module = importlib.import_module(f"recipes.{recipe}")
+        takes_value = {flag: action.nargs != "?" for action in
+                       recipe_parser(getattr(module, RECIPE_ARGUMENTS[recipe]), {})._actions
+                       for flag in action.option_strings}
+        argv = []
+        for token in flags:
+            if token != "...":
+                argv.append(token)
+            elif argv and takes_value.get(argv[-1], False):
+                argv.append("placeholder")  # `--model_name_or_path ...`
+        if "--bf16" in argv and not torch.cuda.is_available():
+            argv += ["--use_cpu", "true"]  # a GPU command: TrainingArguments refuses bf16 on a CPU-only machine
+        args, fed, method, recipe_args = module.parse_args([*argv, "--output_dir", str(tmp_path / "o")])
+        assert fed.strategy and method.ga_samples >= 1, (recipe, flags)

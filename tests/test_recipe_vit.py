@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.recipes import parsed
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/vit_classification.py"
@@ -78,18 +79,20 @@ def _recipe():
 
 def test_defaults_are_overridable_from_the_command_line_and_config_files(tmp_path):
     recipe = _recipe()  # importing parses nothing
-    args, fed, va = recipe.parse_args([])
+    args, fed, method, va = recipe.parse_args([])
     assert args.output_dir.endswith("vit_fashion_mnist") and args.report_to == []
     assert fed.modules_to_save == ["classifier"] and fed.partition == "dirichlet" and va.model_name_or_path is None
-    args, fed, va = recipe.parse_args(["--learning_rate", "1e-3", "--strategy", "fedit", "--patch_size", "4"])
-    assert args.learning_rate == 1e-3 and fed.strategy == "fedit" and va.patch_size == 4
+    assert (method.ga_samples, method.ga_batch_size) == (32, 32)  # the recipe's defaults of the method's options
+    args, fed, method, va = recipe.parse_args(["--learning_rate", "1e-3", "--strategy", "fedit", "--patch_size", "4",
+                                               "--gamma", "16"])
+    assert args.learning_rate == 1e-3 and fed.strategy == "fedit" and va.patch_size == 4 and method.gamma == 16.0
     assert args.per_device_train_batch_size == recipe.DEFAULTS["per_device_train_batch_size"]
 
     cfg = {"output_dir": str(tmp_path / "o"), "strategy": "flexlora", "num_rounds": 3, "pretrain_steps": 7}
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     (tmp_path / "c.yaml").write_text("".join(f"{k}: {v}\n" for k, v in cfg.items()))
     for name in ("c.json", "c.yaml"):
-        args, fed, va = recipe.parse_args([str(tmp_path / name)])
+        args, fed, _, va = recipe.parse_args([str(tmp_path / name)])
         assert (args.output_dir, fed.strategy, fed.num_rounds, va.pretrain_steps) == (str(tmp_path / "o"), "flexlora",
                                                                                       3, 7)
         assert fed.modules_to_save == ["classifier"]  # recipe defaults still apply under the file
@@ -143,27 +146,41 @@ def test_any_checkpoint_on_an_image_folder_from_a_json_config(tmp_path):
     assert AutoImageProcessor.from_pretrained(out).size == {"height": 16, "width": 16}
 
 
+def test_build_returns_the_recipe_contract_for_any_checkpoint(tmp_path):
+    recipe = _recipe()
+    from recipes.common import IMAGE_CLASSIFICATION, RecipeBuild
+
+    _tiny_checkpoint_and_image_folder(tmp_path)
+    args, fed, method, va = recipe.parse_args([
+        "--model_name_or_path", str(tmp_path / "ckpt"), "--dataset_name", "imagefolder", "--train_dir",
+        str(tmp_path / "images"), "--output_dir", str(tmp_path / "out"), "--num_clients", "2", "--partition", "iid",
+        "--use_cpu", "true", "--exact_round_matching", "true"])
+    run = recipe.build(args, fed, method, va)
+    assert isinstance(run, RecipeBuild) and run.task == IMAGE_CLASSIFICATION
+    assert run.class_names == ["blue", "green", "red"] and run.pretraining is None
+    assert run.model_name == str(tmp_path / "ckpt") and run.data_source == "imagefolder"
+    assert run.describe() == {"model": str(tmp_path / "ckpt"), "data": run.data_source, "train": 48, "eval": 18}
+    assert run.trainer_kwargs["model"].config.num_labels == 3 and run.method.exact_round_matching
+    assert run.make_trainer().strategy.config.exact_round_matching
+
+
 def test_help_shows_the_recipe_defaults_and_config_files_equal_flags(tmp_path, capsys):
     recipe = _recipe()
     with pytest.raises(SystemExit):
         recipe.parse_args(["--help"])
     entries = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())
     for flag, shown in (("num_clients", "10"), ("learning_rate", "0.005"), ("partition", "dirichlet"),
-                        ("ga_samples", "32"), ("num_rounds", "20")):
+                        ("ga_samples", "32"), ("num_rounds", "20"), ("zeta", "1.0"), ("stale_round_matching",
+                                                                                   "continuity")):
         assert re.search(rf"--{flag} {flag.upper()}\b.*?\(default: {re.escape(shown)}\)", entries), flag
 
     values = {"output_dir": str(tmp_path / "o"), "num_clients": 4, "lora_alpha": 8, "learning_rate": "1e-3",
-              "modules_to_save": ["classifier"], "patch_size": 4, "use_cpu": True}
+              "modules_to_save": ["classifier"], "patch_size": 4, "use_cpu": True, "zeta": 0.5}
     tokens = [t for k, v in values.items() for t in (f"--{k}", *(v if isinstance(v, list) else [str(v)]))]
     (tmp_path / "c.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
 
-    def parsed(args, fed, va):
-        training = args.to_dict()
-        training.pop("logging_dir", None)  # derived from output_dir and the clock when not given
-        return training, fed.to_dict(), vars(va)
-
     assert parsed(*recipe.parse_args([str(tmp_path / "c.yaml")])) == parsed(*recipe.parse_args(tokens))
-    args, fed, va = recipe.parse_args([str(tmp_path / "c.yaml"), "--num_rounds", "3"])
+    args, fed, _, va = recipe.parse_args([str(tmp_path / "c.yaml"), "--num_rounds", "3"])
     assert (fed.num_rounds, fed.lora_alpha, args.learning_rate, va.patch_size) == (3, 8.0, 1e-3, 4)
 
 
@@ -174,7 +191,7 @@ def test_accuracy_through_evaluate_when_it_loads_locally_otherwise_said_once(mon
     import numpy as np
     from transformers import EvalPrediction
 
-    import recipes.vit_classification as vit
+    import recipes.classification as vit  # the accuracy both classifier recipes use
 
     pred = EvalPrediction(predictions=np.eye(4), label_ids=np.array([0, 1, 2, 0]))
     vit.accuracy_metric.cache_clear()
@@ -203,7 +220,7 @@ def test_accuracy_through_evaluate_when_it_loads_locally_otherwise_said_once(mon
 def test_accuracy_plot_draws_the_clients_mean_and_worst_when_evaluated(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    import recipes.vit_classification as vit
+    import recipes.plots as vit  # the plots every recipe draws
 
     drawn = {}
     save = plt.Figure.savefig
@@ -217,6 +234,7 @@ def test_accuracy_plot_draws_the_clients_mean_and_worst_when_evaluated(tmp_path,
                 "client_eval_accuracy_worst": 0.2 + k / 10} for k in range(3)]
     vit.plot_accuracy_by_round(history, 0.1, tmp_path / "acc.png", "t")
     assert (tmp_path / "acc.png").exists()
-    for label, key in (("global model", "eval_accuracy"), ("clients' held-out splits: mean", "client_eval_accuracy_mean"),
+    for label, key in (("global model", "eval_accuracy"),
+                       ("clients' held-out splits: mean", "client_eval_accuracy_mean"),
                        ("clients' held-out splits: worst client", "client_eval_accuracy_worst")):
         assert drawn[label] == pytest.approx([r[key] for r in history])

@@ -1,1 +1,1 @@
-"""A `flwr run`-able Flower app for the NLG (LLaMA) and ViT recipes."""
+"""A `flwr run`-able Flower app for the recipes: NLG (LLaMA), ViT and LM classification."""
