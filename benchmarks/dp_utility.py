@@ -37,8 +37,8 @@ from fedsmooth_hf import FederatedTrainer  # noqa: E402
 STRATEGIES = ("fedit", "ffa_lora", "fedsmoothlora")
 EPSILONS = (math.inf, 30.0, 8.0, 3.0)
 #: the recipe's arguments of every run (the recipe's defaults beneath them)
-SETTING = {"num_clients": 120, "clients_per_round": 10, "partition": "iid", "num_rounds": 6, "local_steps": 3,
-           "max_eval_samples": 200, "eval_rounds": 1, "save_rounds": -1, "ga_samples": 8,
+SETTING = {"num_clients": 120, "clients_per_round": 10, "partition": "iid", "num_rounds": 5, "local_steps": 3,
+           "max_eval_samples": 100, "eval_rounds": 1, "save_rounds": -1, "ga_samples": 8,
            "dp_delta": 1e-5, "dp_clip_norm": 1.0, "dp_clipping": "adaptive"}
 QUICK = {**SETTING, "num_clients": 100, "num_rounds": 2, "local_steps": 1, "max_eval_samples": 16,
          "max_train_samples": 400}
