@@ -1,7 +1,7 @@
 """Every systems benchmark in one run, with one summary: ``summary.json`` and ``summary.md``.
 
     python benchmarks/run_all.py --quick     # small shapes, the tiny Llama
-    python benchmarks/run_all.py --smoke     # the CI sizes (tests/test_benchmarks_smoke.py)
+    python benchmarks/run_all.py --smoke     # the CI sizes (tests/bench/test_benchmarks_smoke.py)
     python benchmarks/run_all.py             # full sizes (aggregation at LLaMA-7B shapes, SmolLM2 overhead)
 
 Each part measures ours and its baseline side by side and writes its own JSON and PNG:

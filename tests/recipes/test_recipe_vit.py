@@ -12,7 +12,7 @@ import pytest
 import torch
 from support.recipes import parsed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = "recipes/vit_classification.py"
 TINY = ["--max_train_samples", "120", "--max_eval_samples", "40", "--pretrain_steps", "5", "--num_clients", "3",
         "--num_rounds", "2", "--local_steps", "2", "--vit_hidden_size", "32", "--vit_layers", "1",

@@ -6,7 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "aggregation.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "aggregation.py"
 
 # Measured on 2 EPYC cores at 2048x1024 (ours ~9 ms, dense ~0.3 s): ~30x on an idle machine, 11-20x
 # while another process kept a core busy (oversubscribed OpenMP threads slow the many short kernels

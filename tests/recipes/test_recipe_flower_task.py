@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from support.tiny import save_tiny_llama_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "recipes" / "flower"))
 
 

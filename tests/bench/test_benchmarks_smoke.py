@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # benchmarks.overhead's tiny Llama: hidden 128, MLP 256, 4 layers, 4 heads of 32, 2 KV heads.
