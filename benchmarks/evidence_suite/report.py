@@ -1,4 +1,4 @@
-"""The evidence sweeps' report: mean +- std per configuration, rounds and wall time to the reference's final loss."""
+"""The evidence sweeps' report: mean +- std per configuration, rounds and wall time to the reference's final."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from recipes.plots import plot_metric_by_round, pyplot, save
 from .sweep import Sweep, write
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], scale: float = 1.0) -> str:
+    values = [scale * v for v in values]
     if not values:
         return "-"
     if len(values) == 1:
@@ -18,48 +19,61 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def reach(run: dict, target: float) -> tuple[int | None, float | None]:
-    """The first round whose eval loss is at or below ``target``, and the training wall seconds to it."""
-    for round_number, loss in enumerate(run["eval_loss"]):
-        if round_number > 0 and loss <= target:
+def reach(run: dict, metric: str, target: float) -> tuple[int | None, float | None]:
+    """The first trained round whose ``metric`` is at least as good as ``target``, and the training seconds to it."""
+    better = (lambda v: v <= target) if metric.endswith("loss") else (lambda v: v >= target)
+    for round_number, value in enumerate(run[metric]):
+        if round_number > 0 and better(value):
             return round_number, run["train_wall_s"][round_number]
     return None, None
 
 
 def summarize(sweep: Sweep, runs: list[dict]) -> list[dict]:
-    """One row per configuration with runs: final loss, ROUGE-L, rounds and seconds to the reference's final."""
-    reference = [r["final_eval_loss"] for r in runs if r["strategy"] == sweep.reference]
+    """One row per configuration with runs: final measure, ROUGE-L, rounds and seconds to the reference's final."""
+    final = f"final_{sweep.metric}"
+    reference = [r[final] for r in runs if r["strategy"] == sweep.reference]
     target = statistics.mean(reference) if reference else None
     rows = []
     for name in sweep.configs:
         group = [r for r in runs if r["strategy"] == name]
         if not group:
             continue
-        reached = [reach(r, target) for r in group] if target is not None else []
-        hits = [(k, s) for k, s in reached if k is not None]
+        hits = [(k, s) for k, s in (reach(r, sweep.metric, target) for r in group) if k is not None] if target else []
         rows.append({
             "strategy": name, "seeds": sorted(r["seed"] for r in group),
+            final: [r[final] for r in group],
             "final_eval_loss": [r["final_eval_loss"] for r in group],
             "rouge_l": [r["rouge_l"] for r in group if r.get("rouge_l") is not None],
             "reference_final": target, "reached": len(hits), "of": len(group),
             "rounds_to_reference": statistics.mean(k for k, _ in hits) if hits else None,
             "train_s_to_reference": statistics.mean(s for _, s in hits) if hits else None,
             "wall_s": statistics.mean(r["wall_s"] for r in group),
+            "reused_from": sorted({r["reused_from"] for r in group if "reused_from" in r}),
         })
     return rows
 
 
-def markdown(rows: list[dict], reference: str) -> str:
-    target = rows[0]["reference_final"] if rows else None
-    head = (f"| strategy | seeds | final eval loss | ROUGE-L | rounds to {reference}'s final "
-            f"({target:.3f}) | training s to it | s per run |" if target is not None else "| strategy | seeds |")
-    lines = [head, "|---|---|---|---|---|---|---|"]
+def markdown(sweep: Sweep, rows: list[dict]) -> str:
+    """The report as a markdown table (accuracy in percent)."""
+    if not rows:
+        return "no runs yet\n"
+    final, accuracy = f"final_{sweep.metric}", sweep.metric == "eval_accuracy"
+    target = rows[0]["reference_final"]
+    shown = f"{100 * target:.2f}%" if accuracy and target is not None else f"{target:.3f}" if target else "-"
+    columns = ["strategy", "seeds", f"final {sweep.metric.replace('eval_', 'eval ')}"]
+    columns += ["final eval loss"] if accuracy else []
+    columns += ["ROUGE-L"] if any(r["rouge_l"] for r in rows) else []
+    columns += [f"rounds to {sweep.reference}'s final ({shown})", "training s to it", "s per run"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        rounds = (f"{r['rounds_to_reference']:.1f} ({r['reached']}/{r['of']})" if r["reached"]
-                  else f"never (0/{r['of']})")
-        seconds = f"{r['train_s_to_reference']:.0f}" if r["reached"] else "-"
-        lines.append(f"| {r['strategy']} | {len(r['seeds'])} | {mean_std(r['final_eval_loss'])} | "
-                     f"{mean_std(r['rouge_l'])} | {rounds} | {seconds} | {r['wall_s']:.0f} |")
+        cells = [r["strategy"] + (f" (from {', '.join(r['reused_from'])})" if r["reused_from"] else ""),
+                 str(len(r["seeds"])), mean_std(r[final], 100.0 if accuracy else 1.0)]
+        cells += [mean_std(r["final_eval_loss"])] if accuracy else []
+        cells += [mean_std(r["rouge_l"])] if "ROUGE-L" in columns else []
+        cells += [f"{r['rounds_to_reference']:.1f} ({r['reached']}/{r['of']})" if r["reached"]
+                  else f"never (0/{r['of']})",
+                  f"{r['train_s_to_reference']:.0f}" if r["reached"] else "-", f"{r['wall_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -67,22 +81,26 @@ def report(sweep: Sweep, title: str) -> list[dict]:
     """Prints the table, writes it as ``<name>.md``, the summary into the JSON and the curves as ``<name>.png``."""
     if not sweep.path.exists():
         raise SystemExit(f"no results at {sweep.path}: run the sweep first")
-    runs = json.loads(sweep.path.read_text())["runs"]
+    own = [r for r in json.loads(sweep.path.read_text())["runs"] if "reused_from" not in r]
+    runs = own + sweep.reused()
     rows = summarize(sweep, runs)
-    table = markdown(rows, sweep.reference)
+    table = markdown(sweep, rows)
     print(table)
     sweep.path.with_suffix(".md").write_text(table)
-    write(sweep, runs, rows)
+    write(sweep, own, rows)
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    panels = [sweep.metric] + (["eval_loss"] if sweep.metric != "eval_loss" else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), squeeze=False)
     names = [r["strategy"] for r in rows]
-    for name in names:
-        curves = [r["eval_loss"] for r in runs if r["strategy"] == name]
-        plot_metric_by_round({name: curves}, list(range(len(curves[0]))), ax, highlight=("fedsmoothlora",),
-                             names=names)
-    ax.set(xlabel="round (0 = before training)", ylabel="held-out loss (mean over seeds, min..max shaded)")
-    ax.set_title(title, fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    for ax, key in zip(axes[0], panels):
+        for name in names:
+            curves = [r[key] for r in runs if r["strategy"] == name]
+            plot_metric_by_round({name: curves}, list(range(len(curves[0]))), ax, highlight=("fedsmoothlora",),
+                                 names=names, scale=100.0 if key == "eval_accuracy" else 1.0)
+        ax.set(xlabel="round (0 = before training)",
+               ylabel=f"held-out {key.replace('eval_', '')} (mean over seeds, min..max shaded)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)
     save(fig, sweep.path.with_suffix(".png"), dpi=100)
     return rows

@@ -34,7 +34,10 @@ class Sweep:
         configs (`dict`): Configuration name (as the user names it) -> recipe arguments of that run.
         tiers (`list[list[str]]`): Configuration names in the order they run (each tier over every seed).
         seeds (`int`): Seeds ``0 .. seeds - 1``.
-        reference (`str`): The configuration whose mean final loss the others must reach.
+        reference (`str`): The configuration whose mean final measure the others must reach.
+        metric (`str`): The held-out measure compared: ``"eval_loss"`` (lower is better) or ``"eval_accuracy"``.
+        reuses (`dict`): Configuration name -> ``(sweep name, its configuration name)``: runs of the same
+            setting that another sweep already made (its baselines), taken instead of repeated.
     """
 
     name: str
@@ -44,14 +47,31 @@ class Sweep:
     tiers: list[list[str]]
     seeds: int = 3
     reference: str = "fedit"
-    extra: dict = field(default_factory=dict)
+    metric: str = "eval_loss"
+    reuses: dict = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
         return RESULTS_DIR / f"{self.name}.json"
 
     def planned(self) -> list[tuple[str, int]]:
-        return [(name, seed) for tier in self.tiers for seed in range(self.seeds) for name in tier]
+        """``(configuration, seed)`` of every run this sweep makes itself, in the order they run."""
+        return [(name, seed) for tier in self.tiers for seed in range(self.seeds) for name in tier
+                if name not in self.reuses]
+
+    def reused(self) -> list[dict]:
+        """The runs of :attr:`reuses` that exist and were measured with this sweep's setting."""
+        out = []
+        for name, (source, source_name) in self.reuses.items():
+            path = RESULTS_DIR / f"{source}.json"
+            if not path.exists():
+                continue
+            other = json.loads(path.read_text())
+            if other.get("setting") != self.setting:
+                continue
+            out += [{**r, "strategy": name, "reused_from": source} for r in other["runs"]
+                    if r["strategy"] == source_name and r["seed"] < self.seeds]
+        return out
 
 
 def load(sweep: Sweep, resume: bool) -> list[dict]:
@@ -75,7 +95,7 @@ def write(sweep: Sweep, runs: list[dict], summary: list[dict] | None = None) -> 
 
 def run_sweep(sweep: Sweep, resume: bool, only: list[str] | None = None) -> list[dict]:
     """Runs every planned (configuration, seed) not yet in the JSON, each in its own process."""
-    runs = load(sweep, resume)
+    runs = [r for r in load(sweep, resume) if "reused_from" not in r]
     done = {(r["strategy"], r["seed"]) for r in runs}
     todo = [(n, s) for n, s in sweep.planned() if (n, s) not in done and (only is None or n in only)]
     print(f"[{sweep.name}] {len(runs)} runs kept, {len(todo)} to run", flush=True)
@@ -93,9 +113,40 @@ def run_sweep(sweep: Sweep, resume: bool, only: list[str] | None = None) -> list
             record = json.loads(record_path.read_text())
         runs.append(record)
         write(sweep, runs)
-        print(f"[{sweep.name}] {i}/{len(todo)} {name} seed {seed}: final eval loss {record['final_eval_loss']:.4f} "
+        print(f"[{sweep.name}] {i}/{len(todo)} {name} seed {seed}: final {sweep.metric} "
+              f"{record['final_' + sweep.metric]:.4f} "
               f"({record['wall_s']:.0f} s, load {record['loadavg_end']})", flush=True)
     return runs
+
+
+def cli(sweep: Sweep, run_one: Callable[[str, int], dict], title: str, argv: list[str] | None = None) -> None:
+    """The command line every evidence script shares: the sweep, ``--resume``, ``--report``, ``--only``.
+
+    Args:
+        sweep (`Sweep`): What to run.
+        run_one (`Callable[[str, int], dict]`): ``(configuration name, seed) -> record``, run in a child process.
+        title (`str`): The figure's title.
+        argv (`list[str]`, *optional*): The arguments (default ``sys.argv[1:]``).
+    """
+    import argparse
+
+    from .report import report
+
+    p = argparse.ArgumentParser(description=title)
+    p.add_argument("--resume", action="store_true", help="keep the runs already in the JSON")
+    p.add_argument("--report", action="store_true", help="only the table and the PNG of the runs so far")
+    p.add_argument("--only", default=None, help="comma-separated configuration names to run")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the driver's per-run child process
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--record", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.one is not None:
+        Path(a.record).write_text(json.dumps(run_one(a.one, a.seed)))
+        return
+    if not a.report:
+        run_sweep(sweep, a.resume, a.only.split(",") if a.only else None)
+    report(sweep, title)
+    print(f"wrote {sweep.path} (.md, .png)")
 
 
 def timed_run(build_and_train: Callable[[], dict]) -> dict:
