@@ -12,11 +12,14 @@ benchmark (benchmarks/convergence.py) all build through it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
+from peft import LoraGAConfig
 from transformers import HfArgumentParser, TrainingArguments
 
 from fedsmooth_hf import FederatedArguments, FederatedLoraConfig, FederatedTrainer, FedSmoothLoRAConfig
@@ -89,6 +92,73 @@ class RecipeBuild:
                 "eval": 0 if evals is None else len(evals)}
 
 
+@dataclass
+class PeftInitArguments:
+    """Where the federation's adapter starts: one of peft's `init_lora_weights`, and the server's own examples.
+
+    Every recipe's arguments carry these fields (`recipe_parser` adds them).
+
+    Args:
+        init_lora_weights (`str`, *optional*, defaults to `"true"`):
+            peft's `LoraConfig.init_lora_weights`: `true` (peft's default, B = 0), `false`, `gaussian`,
+            `pissa`, `pissa_niter_<k>`, `olora`, `orthogonal`, `lora_ga`. Strategies that keep one shared
+            adapter (fedit, ffa_lora, fedex_lora) take any; the others only the default.
+        server_calibration_samples (`int`, *optional*, defaults to 0):
+            Training examples set aside before the partition, so no client holds them, and handed to the
+            trainer as its `init_dataset`: what a data-dependent init (`lora_ga`) calibrates on.
+    """
+
+    init_lora_weights: str = field(default="true", metadata={
+        "help": "peft's init_lora_weights: true (default), false, gaussian, pissa, pissa_niter_<k>, olora, "
+                "orthogonal, lora_ga (fedit, ffa_lora, fedex_lora only)"})
+    server_calibration_samples: int = field(default=0, metadata={
+        "help": "training examples the server keeps (taken out before the partition, no client has them) to "
+                "calibrate a data-dependent init on; lora_ga needs > 0"})
+
+    def init_value(self) -> bool | str:
+        """`init_lora_weights` as peft takes it (`true`/`false` become booleans)."""
+        text = str(self.init_lora_weights).strip()
+        return {"true": True, "false": False}.get(text.lower(), text)
+
+
+@functools.cache
+def with_peft_init_arguments(recipe_arguments: type) -> type:
+    """The recipe's dataclass with the fields of [`PeftInitArguments`] (itself if it has them already)."""
+    if issubclass(recipe_arguments, PeftInitArguments):
+        return recipe_arguments
+    return make_dataclass(recipe_arguments.__name__, [], bases=(recipe_arguments, PeftInitArguments),
+                          namespace={"__module__": recipe_arguments.__module__, "__doc__": recipe_arguments.__doc__})
+
+
+def server_calibration_split(train, recipe_args, seed: int):
+    """Sets the server's calibration examples apart from the training data, before any partition.
+
+    Args:
+        train (`datasets.Dataset`): The training examples.
+        recipe_args: The recipe's arguments (`server_calibration_samples`, `init_lora_weights`; absent: none).
+        seed (`int`): Which examples are drawn.
+
+    Returns:
+        `(train, init_dataset)`: the rest in their order, and the drawn examples (`None` when none are asked).
+
+    Raises:
+        `ValueError`: `lora_ga` without `--server_calibration_samples`, or as many samples as training examples.
+    """
+    n = int(getattr(recipe_args, "server_calibration_samples", 0) or 0)
+    init = getattr(recipe_args, "init_lora_weights", "true")
+    if str(init).strip().lower() == "lora_ga" and n < 1:
+        raise ValueError("--init_lora_weights lora_ga calibrates on examples only the server holds: set "
+                         "--server_calibration_samples N (N > 0 training examples, taken out before the partition)")
+    if n < 1:
+        return train, None
+    if n >= len(train):
+        raise ValueError(f"--server_calibration_samples {n}: the training data has only {len(train)} examples, "
+                         "and the clients need some")
+    held = set(random.Random(seed).sample(range(len(train)), n))
+    print(f"[recipe] {n} training examples set aside for the server's calibration (no client holds them)")
+    return (train.select([i for i in range(len(train)) if i not in held]), train.select(sorted(held)))
+
+
 def read_config(path: str) -> dict:
     """A JSON or YAML file of ``argument: value`` pairs."""
     text = Path(path).read_text()
@@ -106,11 +176,15 @@ def read_config(path: str) -> dict:
 def recipe_parser(recipe_arguments: type, defaults: dict) -> HfArgumentParser:
     """The parser of the four groups (TrainingArguments, FederatedArguments, FedSmoothLoRAConfig, recipe_arguments).
 
+    `recipe_arguments` gets the fields of [`PeftInitArguments`] (`--init_lora_weights`,
+    `--server_calibration_samples`), so every recipe takes them.
+
     Args:
         recipe_arguments (`type`): The recipe's own dataclass.
         defaults (`dict`): The recipe's defaults, set as the parser's own (so `--help` shows them).
     """
-    parser = HfArgumentParser((TrainingArguments, FederatedArguments, FedSmoothLoRAConfig, recipe_arguments))
+    groups = (TrainingArguments, FederatedArguments, FedSmoothLoRAConfig, with_peft_init_arguments(recipe_arguments))
+    parser = HfArgumentParser(groups)
     set_defaults(parser, defaults, source="recipe DEFAULTS")
     return parser
 
@@ -165,7 +239,8 @@ def parse_recipe_args(recipe_arguments: type, defaults: dict, argv: list[str]):
     return args, fed_args, method, recipe_args
 
 
-def lora_config(fed_args: FederatedArguments, method: FedSmoothLoRAConfig | None) -> FederatedLoraConfig:
+def lora_config(fed_args: FederatedArguments, method: FedSmoothLoRAConfig | None,
+                init: PeftInitArguments | None = None) -> FederatedLoraConfig:
     """The run's LoRA config: `fed_args`' LoRA fields, carrying FedSmoothLoRA's options (`method`).
 
     Args:
@@ -173,13 +248,18 @@ def lora_config(fed_args: FederatedArguments, method: FedSmoothLoRAConfig | None
             `target_modules` (`None`: every `nn.Linear` but the output head) and `modules_to_save`.
         method (`FedSmoothLoRAConfig`, *optional*): The method's options (read by the `fedsmoothlora`
             strategy only); `None`: its defaults.
+        init (`PeftInitArguments`, *optional*): peft's `init_lora_weights` (`lora_ga` gets peft's default
+            `LoraGAConfig`); `None` or a recipe argument object without it: peft's default init.
 
     Returns:
         `FederatedLoraConfig`: the `peft_config` of `FederatedTrainer`.
     """
+    start = init.init_value() if isinstance(init, PeftInitArguments) else True
+    ga = {"lora_ga_config": LoraGAConfig()} if start == "lora_ga" else {}
     return FederatedLoraConfig(r=fed_args.lora_r, lora_alpha=fed_args.lora_alpha, lora_dropout=fed_args.lora_dropout,
                                use_rslora=fed_args.use_rslora, target_modules=fed_args.target_modules,
-                               modules_to_save=fed_args.modules_to_save, fedsmoothlora_config=method)
+                               modules_to_save=fed_args.modules_to_save, fedsmoothlora_config=method,
+                               init_lora_weights=start, **ga)
 
 
 def _fit_clients_per_round(parser: HfArgumentParser, defaults: dict, config: dict, argv: list[str]) -> None:

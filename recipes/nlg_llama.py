@@ -42,6 +42,7 @@ from recipes.common import (  # noqa: E402
     parse_recipe_args,
     resume_argument,
     save_and_push,
+    server_calibration_split,
 )
 from recipes.loading import hold_out, load_tokenizer, load_user_data, subsample  # noqa: E402
 
@@ -309,7 +310,8 @@ def build(args: TrainingArguments, fed_args: FederatedArguments, method: FedSmoo
             tokenized copy over many runs; by default it is loaded here.
 
     Returns:
-        [`RecipeBuild`]: the trainer's keyword arguments, with `eval_prompts` the before/after prompt.
+        [`RecipeBuild`]: the trainer's keyword arguments, with `eval_prompts` the before/after prompt; with
+        `--server_calibration_samples N`, `init_dataset` holds N training examples no client gets.
         Seeding is the caller's (the LoRA init draws from the global RNG when the trainer wraps the model).
     """
     model, tokenizer = load_model_and_tokenizer(md, args)
@@ -318,10 +320,13 @@ def build(args: TrainingArguments, fed_args: FederatedArguments, method: FedSmoo
         with args.main_process_first(desc="tokenize"):
             data = load_data(md, tokenizer, args.seed, keep)
     train_ds, eval_ds = data
+    train_ds, init_ds = server_calibration_split(train_ds, md, args.seed)  # before the partition: no client's
     keys = ("train_loss", "eval_loss", "client_eval_loss_mean", "client_eval_loss_worst")
-    kwargs = dict(model=model, args=args, fed_args=fed_args, peft_config=lora_config(fed_args, method),
+    kwargs = dict(model=model, args=args, fed_args=fed_args, peft_config=lora_config(fed_args, method, md),
                   train_dataset=train_ds, eval_dataset=eval_ds, data_collator=PadCollator(tokenizer.pad_token_id),
                   processing_class=tokenizer, callbacks=[RoundPrinterCallback(keys=keys, perplexity=True)])
+    if init_ds is not None:
+        kwargs["init_dataset"] = init_ds
     offline_data = md.dataset_name is None and md.data_files is None
     return RecipeBuild(trainer_kwargs=kwargs, task=CAUSAL_LM, model_name=md.model_name_or_path or OFFLINE_MODEL,
                        data_source=OFFLINE_DATA if offline_data else md.dataset_name or ", ".join(md.data_files),

@@ -183,6 +183,9 @@ class FederatedStrategy:
     #: the dataclass of this algorithm's own options (``None``: none beyond rank and rounds); an
     #: instance travels in ``FederatedLoraConfig`` (see ``fedsmooth_hf.trainer.lora_config``)
     config_class: type | None = None
+    #: whether a run may start from peft's ``init_lora_weights`` (PiSSA, LoRA-GA, ...): only where every client
+    #: starts each round from the one shared adapter that init becomes at round 0 (``trainer.lora_config``)
+    accepts_peft_init: bool = False
 
     def __init__(self, rank: int, num_rounds: int = 1):
         if rank < 1:

@@ -23,6 +23,7 @@ from .registry import register_strategy
 @register_strategy
 class FedExLoRA(GlobalAdapterStrategy):
     name = "fedex_lora"
+    accepts_peft_init = True  # clients start from the one global adapter
     dp_forms = ("factors", "product")  # the averaged factors, and the products for the residual
 
     def aggregate(self, uploads, weights):

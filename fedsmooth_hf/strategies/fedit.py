@@ -14,6 +14,7 @@ from .registry import register_strategy
 @register_strategy
 class FedIT(GlobalAdapterStrategy):
     name = "fedit"
+    accepts_peft_init = True  # clients start from the one global adapter
     server_space = "factors"
     dp_forms = ("factors",)
 

@@ -22,6 +22,7 @@ from .registry import register_strategy
 @register_strategy
 class FFALoRA(GlobalAdapterStrategy):
     name = "ffa_lora"
+    accepts_peft_init = True  # clients start from the one global adapter
     server_space = "factors"
     dp_forms = ("factors",)
 

@@ -21,7 +21,7 @@ from peft import LoraConfig
 
 from ..strategies import FedSmoothLoRAConfig
 
-__all__ = ["FederatedLoraConfig", "resolve_strategy_config"]
+__all__ = ["FederatedLoraConfig", "resolve_strategy_config", "add_lora_for_run"]
 
 
 @dataclass
@@ -69,3 +69,35 @@ def resolve_strategy_config(strategy_name: str, lora_config, *sources):
             f"set them once (the LoRA config's {strategy_name}_config, or the arguments' fields)"
         )
     return given[0]
+
+
+def add_lora_for_run(model, fed_args, peft_config, args, init_dataset=None, data_collator=None,
+                     processing_class=None):
+    """``model`` wrapped with the run's LoRA adapter, started from the config's ``init_lora_weights``.
+
+    A non-default init is checked against the strategy first (only one that keeps a shared adapter
+    can start from it); LoRA-GA is calibrated on ``init_dataset``, the server's own examples, in
+    batches of the run's size made by the run's collator, before peft wraps the model
+    (:mod:`fedsmooth_hf.model.peft_init`). The clients' data is never touched for it.
+    """
+    from peft import PeftModel
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
+
+    from ..model.adapter import ADAPTER, add_lora, find_target_modules
+    from ..model.peft_init import calibrate_lora_ga, check_init_supported
+    from ..strategies.registry import strategy_class
+
+    wrapped = isinstance(model, PeftModel)
+    config = model.peft_config.get(ADAPTER) if wrapped else peft_config
+    check_init_supported(config, fed_args.strategy, strategy_class(fed_args.strategy).accepts_peft_init,
+                         init_dataset, fed_args.client_parallel and args.world_size > 1, wrapped)
+    if not wrapped and config is not None and config.init_lora_weights == "lora_ga":
+        if config.target_modules is None:  # as add_lora resolves it, so the calibrated layers are the adapted ones
+            config.target_modules = find_target_modules(model, config.modules_to_save or ())
+        if args.place_model_on_device and getattr(model, "hf_device_map", None) is None:
+            model = model.to(args.device)  # where Trainer puts it anyway: calibrate there
+        if data_collator is None:  # Trainer's default
+            is_tokenizer = isinstance(processing_class, PreTrainedTokenizerBase)
+            data_collator = DataCollatorWithPadding(processing_class) if is_tokenizer else default_data_collator
+        calibrate_lora_ga(model, config, init_dataset, data_collator, args.per_device_train_batch_size, args.device)
+    return add_lora(model, fed_args, peft_config)

@@ -41,7 +41,6 @@ from ..engine.rounds import (
 from ..engine.sequential import SequentialExecutor
 from ..model.adapter import (
     ADAPTER,
-    add_lora,
     clear_offsets,
     copy_parameters,
     find_target_modules,
@@ -58,7 +57,7 @@ from ..persistence.checkpoint import latest_checkpoint
 from ..persistence.model_state import load_round, save_round
 from ..strategies import FederatedStrategy, ServerUpdate, strategy_from_options
 from .arguments import FederatedArguments, resolve_federated_arguments
-from .lora_config import FederatedLoraConfig, resolve_strategy_config
+from .lora_config import FederatedLoraConfig, add_lora_for_run, resolve_strategy_config
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +82,14 @@ class FederatedTrainer(Trainer):
             default: one built from ``fed_args``' LoRA fields.
         train_dataset: one dataset, split over clients by ``fed_args.partition``; or
         client_datasets: the clients' datasets, already separate (takes precedence).
+        init_dataset: the server's own examples for a data-dependent ``peft_config.init_lora_weights`` (LoRA-GA).
         Everything else is passed to ``Trainer`` unchanged.
     """
 
     def __init__(self, model: PreTrainedModel | nn.Module | None = None, args: TrainingArguments | None = None,
                  fed_args: FederatedArguments | None = None, train_dataset=None,
                  client_datasets: Sequence | None = None, eval_dataset=None, callbacks: list | None = None,
-                 peft_config=None, **kwargs):
+                 peft_config=None, init_dataset=None, **kwargs):
         if model is None:
             raise ValueError("FederatedTrainer needs a model")
         self.fed_args: FederatedArguments = resolve_federated_arguments(args, fed_args)
@@ -100,7 +100,8 @@ class FederatedTrainer(Trainer):
         self.client_datasets, self.client_eval_datasets = held_out_splits(self.client_datasets, fa, args.seed)
         # an IID split is known only when we made it; user-given clients may be anything
         iid_data = None if client_datasets is not None else fa.partition == "iid"
-        model = add_lora(model, fa, peft_config)
+        model = add_lora_for_run(model, fa, peft_config, args, init_dataset, kwargs.get("data_collator"),
+                                 kwargs.get("processing_class"))
         keep_quantized_layers_differentiable(model)
         method_config = resolve_strategy_config(fa.strategy, model.peft_config[ADAPTER], args, fed_args)
 

@@ -1,0 +1,75 @@
+"""`--init_lora_weights` and `--server_calibration_samples`: every recipe takes them, the NLG recipe uses them.
+
+The evidence benchmark (benchmarks/evidence_nlg.py) runs FedIT from peft's LoRA-GA through exactly
+`recipes.nlg_llama.parse_args` + `build`; that path is run here on a tiny Llama.
+"""
+
+import importlib
+
+import pytest
+import torch
+from support.recipes import ROOT  # noqa: F401  (puts the repository root on sys.path)
+from support.tiny import save_tiny_llama_checkpoint
+
+import recipes.nlg_llama as nlg
+from benchmarks.evidence_nlg import CONFIGS, SETTING, recipe_argv
+from fedsmooth_hf import FederatedTrainer
+
+RECIPES = ("nlg_llama", "vit_classification", "lm_classification")
+TINY = {"max_train_samples": 160, "max_eval_samples": 8, "num_rounds": 1, "local_steps": 1, "disable_tqdm": True,
+        "use_cpu": True}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_tiny_llama_checkpoint(tmp_path_factory.mktemp("tiny_llama_ckpt"))
+
+
+def _benchmark_argv(ckpt, out, **changes) -> list[str]:
+    """The benchmark's own command line for `fedit+lora_ga`, made tiny."""
+    options = {k: v for k, v in {**SETTING, **CONFIGS["fedit+lora_ga"]}.items() if k != "rouge_new_tokens"}
+    return recipe_argv({**options, **TINY, "model_name_or_path": ckpt, "seed": 1, "output_dir": out, **changes})
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_takes_the_init_flags_with_peft_defaults(recipe, tmp_path):
+    module = importlib.import_module(f"recipes.{recipe}")
+    _, _, _, recipe_args = module.parse_args(["--output_dir", str(tmp_path)])
+    assert recipe_args.init_lora_weights == "true" and recipe_args.server_calibration_samples == 0
+    _, fed, method, recipe_args = module.parse_args(["--output_dir", str(tmp_path), "--init_lora_weights", "pissa",
+                                                     "--server_calibration_samples", "7"])
+    assert recipe_args.init_value() == "pissa" and recipe_args.server_calibration_samples == 7
+    from recipes.common import lora_config
+
+    assert lora_config(fed, method, recipe_args).init_lora_weights == "pissa"
+    assert lora_config(fed, method).init_lora_weights is True
+
+
+def test_benchmark_lora_ga_command_line_calibrates_on_server_examples_only(ckpt, tmp_path):
+    args, fed_args, method, md = nlg.parse_args(_benchmark_argv(ckpt, tmp_path / "out"))
+    assert (fed_args.strategy, md.init_lora_weights, md.server_calibration_samples) == ("fedit", "lora_ga", 64)
+    tokenizer = nlg.load_tokenizer(nlg.model_path(md))
+    data = nlg.load_data(md, tokenizer, 0, keep=("category",))
+    built = nlg.build(args, fed_args, method, md, data=data)
+    init_ds, train_ds = built.trainer_kwargs["init_dataset"], built.trainer_kwargs["train_dataset"]
+    assert len(init_ds) == 64 and len(train_ds) == len(data[0]) - 64
+    # taken out before the partition: the clients hold every other example, and none of the server's
+    key = lambda row: (tuple(row["input_ids"]), row["category"])  # noqa: E731
+    server = {key(r) for r in init_ds}
+    trainer = FederatedTrainer(**built.trainer_kwargs)
+    client_rows = [key(r) for ds in trainer.client_datasets for r in ds]
+    assert len(client_rows) == len(train_ds) and not server & set(client_rows)
+    assert trainer.model.peft_config["default"].init_lora_weights == "lora_ga"
+    B, _ = next(iter(trainer.strategy.global_lora().values()))
+    assert B.abs().sum() > 0, "the round-0 global adapter is LoRA-GA's, not a zero B"
+    trainer.train()
+    assert torch.isfinite(torch.tensor(trainer.round_history[-1]["eval_loss"]))
+
+
+def test_lora_ga_without_server_samples_is_an_error_naming_the_flag(ckpt, tmp_path):
+    args, fed_args, method, md = nlg.parse_args(_benchmark_argv(ckpt, tmp_path / "out",
+                                                                server_calibration_samples=0))
+    tokenizer = nlg.load_tokenizer(nlg.model_path(md))
+    data = nlg.load_data(md, tokenizer, 0, keep=("category",))
+    with pytest.raises(ValueError, match="--server_calibration_samples"):
+        nlg.build(args, fed_args, method, md, data=data)
