@@ -12,7 +12,7 @@ from support.recipes import ROOT  # noqa: F401  (puts the repository root on sys
 from support.tiny import save_tiny_llama_checkpoint
 
 import recipes.nlg_llama as nlg
-from benchmarks.evidence_nlg import CONFIGS, SETTING, recipe_argv
+from benchmarks.evidence_nlg import CONFIGS, SETTING
 from fedsmooth_hf import FederatedTrainer
 
 RECIPES = ("nlg_llama", "vit_classification", "lm_classification")
@@ -26,9 +26,12 @@ def ckpt(tmp_path_factory):
 
 
 def _benchmark_argv(ckpt, out, **changes) -> list[str]:
-    """The benchmark's own command line for `fedit+lora_ga`, made tiny."""
+    """The benchmark's own command line for `fedit+lora_ga` (its SETTING and CONFIGS entry), made tiny."""
     options = {k: v for k, v in {**SETTING, **CONFIGS["fedit+lora_ga"]}.items() if k != "rouge_new_tokens"}
-    return recipe_argv({**options, **TINY, "model_name_or_path": ckpt, "seed": 1, "output_dir": out, **changes})
+    argv = []
+    for key, value in {**options, **TINY, "model_name_or_path": ckpt, "seed": 1, "output_dir": out, **changes}.items():
+        argv += [f"--{key}", *str(value).split(",")] if key == "target_modules" else [f"--{key}", str(value)]
+    return argv
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
