@@ -140,7 +140,9 @@ def export_lora_adapter(
     ``from_pretrained``); it is wrapped in place with the exported adapter. Each
     layer's difference is computed densely one layer at a time and truncated to
     ``rank`` with an SVD (exact for small layers), so the adapter is the best
-    rank-``rank`` approximation of what federated training changed.
+    rank-``rank`` approximation of what federated training changed. A run started from a residual
+    init (PiSSA, LoRA-GA, ...) changed the original weights by ``s (B_g A_g - B_0 A_0)``, up to rank
+    ``2 r``: ``rank=2*r`` exports it exactly.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -152,13 +154,16 @@ def export_lora_adapter(
         if min(layers[name].out_features, layers[name].in_features) < rank:
             raise ValueError(f"rank={rank} exceeds the dimensions of layer '{rel}'")
     train_config = peft_model.peft_config[adapter_name]
+    config_fields = dict(config_fields or {})
+    if train_config.init_lora_weights is not True and hasattr(config_class, "trained_from_init"):
+        config_fields["trained_from_init"] = str(train_config.init_lora_weights)  # the run's start, as a record
     config = (config_class or LoraConfig)(
         r=rank,
         lora_alpha=rank,  # scale 1: the factors carry the update
         target_modules=sorted(rel_names.values()),
         modules_to_save=train_config.modules_to_save,
-        init_lora_weights=True,
-        **(config_fields or {}),
+        init_lora_weights=True,  # never a PiSSA/LoRA-GA init again: the factors below are the whole change
+        **config_fields,
     )
     exported = get_peft_model(original_model, config)
     wanted = set(rel_names.values())
@@ -273,13 +278,19 @@ def model_card(
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 
+def _init_field(peft_configs: Mapping) -> dict:
+    """The model card's ``init_lora_weights`` row, when the run did not start from peft's default adapter."""
+    init = getattr(peft_configs.get("default"), "init_lora_weights", True)
+    return {} if init is True else {"init_lora_weights": init}
+
+
 def write_model_card(trainer, output_dir: str | os.PathLike, **card_args) -> Path:
     """Write ``output_dir/README.md`` for a ``FederatedTrainer``'s run (``card_args``: see :func:`model_card`)."""
     evals = [r for r in trainer.round_history if "eval_loss" in r]
     card = model_card(
         getattr(trainer.model.get_base_model().config, "_name_or_path", "") or "",
         trainer.fed_args.to_dict(),
-        trainer.strategy.card_fields(),
+        {**trainer.strategy.card_fields(), **_init_field(trainer.model.peft_config)},
         trainer.round_history,
         {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
         privacy=None if trainer.privacy is None else {**trainer.privacy.describe(), "rounds": trainer.privacy.rounds,

@@ -31,6 +31,9 @@ class FederatedLoraConfig(LoraConfig):
     Args:
         fedsmoothlora_config: :class:`~fedsmooth_hf.strategies.FedSmoothLoRAConfig` (or its dict);
             ``None``: its defaults. Read only when the run's strategy is ``fedsmoothlora``.
+        trained_from_init: set by ``export_adapter`` only: the run's ``init_lora_weights`` when it was not
+            peft's default. The exported adapter keeps ``init_lora_weights=True``, since it holds the whole change
+            from the original weights and loading it must not rewrite them as PiSSA or LoRA-GA would.
         **kwargs: every ``peft.LoraConfig`` field (``r``, ``lora_alpha``, ``target_modules``,
             ``init_lora_weights``, ...). With ``target_modules=None`` every ``nn.Linear`` but the
             output head is adapted, as without a config.
@@ -38,6 +41,10 @@ class FederatedLoraConfig(LoraConfig):
 
     fedsmoothlora_config: FedSmoothLoRAConfig | dict | None = field(
         default=None, metadata={"help": "FedSmoothLoRA's Round-Matching and Gradient-Aligned options."}
+    )
+    trained_from_init: str | None = field(
+        default=None, metadata={"help": "An exported adapter's record of the init_lora_weights its run started "
+                                        "from (the adapter itself is relative to the original base weights)."}
     )
 
     def __post_init__(self):
