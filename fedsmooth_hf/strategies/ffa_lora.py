@@ -52,3 +52,8 @@ class FFALoRA(GlobalAdapterStrategy):
         B = {k[: -len("/B")]: v for k, v in released["factors"].items()}
         self._global = {n: (B[f"{UPLOAD_PREFIX}/{n}"], self.init_lora[n][1].clone()) for n in self.init_lora}
         return ServerUpdate(merge={}, global_lora=self._global)
+
+    def load_state_dict(self, state):
+        """The checkpoint's A is the run's: a resumed trainer's own init (peft's, recomputed) must not replace it."""
+        super().load_state_dict(state)
+        self.init_lora = {n: (self.init_lora[n][0], A.clone()) for n, (_, A) in self._global.items()}

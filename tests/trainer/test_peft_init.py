@@ -133,10 +133,14 @@ def test_merged_model_and_exported_adapter_are_the_trained_model_on_the_original
     assert (approx - expected).abs().max() < (_logits(make_tiny_llama()) - expected).abs().max()
 
 
-def test_resume_keeps_the_residual_base(tmp_path):
-    full = _trainer(tmp_path / "a", "lora_ga", save_rounds=1)
+@pytest.mark.parametrize(("strategy", "init", "rebuilt_with"), [("fedit", "lora_ga", "lora_ga"),
+                                                                 ("ffa_lora", "pissa", True)])
+def test_resume_continues_from_the_checkpointed_residual_base(tmp_path, strategy, init, rebuilt_with):
+    """The checkpoint holds the residual base and the adapter: a resumed run ends where the whole run did,
+    even from a trainer rebuilt with peft's default init (FFA-LoRA's frozen A comes from the checkpoint)."""
+    full = _trainer(tmp_path / "a", init, strategy=strategy, save_rounds=1)
     full.train()
-    resumed = _trainer(tmp_path / "a", "lora_ga", save_rounds=1)
+    resumed = _trainer(tmp_path / "a", rebuilt_with, strategy=strategy, save_rounds=1)
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "round-1"))
     for name, layer in full.layers.items():
         torch.testing.assert_close(resumed.layers[name].get_base_layer().weight, layer.get_base_layer().weight,
