@@ -4,8 +4,8 @@ peft initializes the adapter when it wraps the model; some inits also rewrite th
 adapted layers (PiSSA, OLoRA, LoRA-GA, CorDA, LoftQ keep ``W - s B0 A0`` as the base, a *residual*, so
 the wrapped model still computes ``W``). The federation then starts from exactly that: the round-0
 global adapter is peft's ``(B0, A0)`` and the base is peft's residual, so merges, checkpoints and
-exports all see the model peft built. The exports are relative to the original weights, which the
-user passes again (``export_adapter``) or which the merged model does not need.
+exports all see the model peft built. What a run exports is relative to the original weights: the
+merged model is the whole global model, and ``export_adapter`` is given the original model again.
 
 LoRA-GA is data-dependent: it needs full-weight gradients, computed here once, before round 1, on a
 dataset the server holds (:func:`calibrate_lora_ga`), never on a client's data.
