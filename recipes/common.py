@@ -159,6 +159,22 @@ def server_calibration_split(train, recipe_args, seed: int):
     return (train.select([i for i in range(len(train)) if i not in held]), train.select(sorted(held)))
 
 
+def peft_start(fed_args: FederatedArguments, method: FedSmoothLoRAConfig | None, recipe_args, train,
+               seed: int) -> dict:
+    """The trainer's `peft_config`, `train_dataset` and, with server examples, `init_dataset` of a recipe's run.
+
+    Args:
+        fed_args (`FederatedArguments`): The LoRA fields.
+        method (`FedSmoothLoRAConfig`, *optional*): FedSmoothLoRA's options.
+        recipe_args: The recipe's arguments, with the [`PeftInitArguments`] fields.
+        train (`datasets.Dataset`): The training examples, before the partition.
+        seed (`int`): Which examples the server keeps ([`server_calibration_split`]).
+    """
+    train, init_dataset = server_calibration_split(train, recipe_args, seed)
+    start = {"peft_config": lora_config(fed_args, method, recipe_args), "train_dataset": train}
+    return start if init_dataset is None else {**start, "init_dataset": init_dataset}
+
+
 def read_config(path: str) -> dict:
     """A JSON or YAML file of ``argument: value`` pairs."""
     text = Path(path).read_text()

@@ -53,9 +53,9 @@ from recipes.classification import (  # noqa: E402
 from recipes.common import (  # noqa: E402
     SEQUENCE_CLASSIFICATION,
     RecipeBuild,
-    lora_config,
     output_dir_guard,
     parse_recipe_args,
+    peft_start,
 )
 from recipes.loading import hold_out, load_tokenizer, load_user_data, require_columns, subsample  # noqa: E402
 
@@ -262,8 +262,9 @@ def build(args: TrainingArguments, fed_args: FederatedArguments, method: FedSmoo
             f" (first {layers} layers)")
     source = (f"WordNet word + gloss -> {len(names)} lexicographer categories" if is_offline(la)
               else la.dataset_name or ", ".join(la.data_files))
-    trainer_kwargs = dict(model=model, args=args, fed_args=fed_args, peft_config=lora_config(fed_args, method),
-                          train_dataset=train, eval_dataset=evals, data_collator=DataCollatorWithPadding(tokenizer),
+    start = peft_start(fed_args, method, la, train, args.seed)  # init_lora_weights, the server's examples
+    trainer_kwargs = dict(model=model, args=args, fed_args=fed_args, **start, eval_dataset=evals,
+                          data_collator=DataCollatorWithPadding(tokenizer),
                           processing_class=tokenizer, compute_metrics=compute_accuracy, callbacks=[round_printer()])
     return RecipeBuild(trainer_kwargs=trainer_kwargs, task=SEQUENCE_CLASSIFICATION,
                        model_name=f"{name} + new classification head", data_source=source, class_names=names)

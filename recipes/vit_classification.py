@@ -49,9 +49,9 @@ from recipes.classification import (  # noqa: E402
 from recipes.common import (  # noqa: E402
     IMAGE_CLASSIFICATION,
     RecipeBuild,
-    lora_config,
     output_dir_guard,
     parse_recipe_args,
+    peft_start,
 )
 from recipes.vit_data import (  # noqa: E402
     OFFLINE_MAX_EVAL,
@@ -184,8 +184,8 @@ def build(args: TrainingArguments, fed_args: FederatedArguments, method: FedSmoo
     check_modules_to_save(model, fed_args)
     if fed_args.partition_column == va.label_column:
         fed_args.partition_column = LABEL  # the label column was renamed
-    kwargs = dict(model=model, args=args, fed_args=fed_args, peft_config=lora_config(fed_args, method),
-                  train_dataset=train_ds, eval_dataset=eval_ds, data_collator=default_data_collator,
+    kwargs = dict(model=model, args=args, fed_args=fed_args, **peft_start(fed_args, method, va, train_ds, args.seed),
+                  eval_dataset=eval_ds, data_collator=default_data_collator,
                   processing_class=processor, compute_metrics=compute_accuracy, callbacks=[round_printer()])
     return RecipeBuild(trainer_kwargs=kwargs, task=IMAGE_CLASSIFICATION, model_name=model_name, data_source=source,
                        class_names=class_names, pretraining=pretraining)

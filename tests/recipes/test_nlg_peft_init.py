@@ -76,3 +76,20 @@ def test_lora_ga_without_server_samples_is_an_error_naming_the_flag(ckpt, tmp_pa
     data = nlg.load_data(md, tokenizer, 0, keep=("category",))
     with pytest.raises(ValueError, match="--server_calibration_samples"):
         nlg.build(args, fed_args, method, md, data=data)
+
+
+def test_peft_start_sets_server_examples_apart_in_every_recipe(tmp_path):
+    import datasets
+
+    from recipes.common import peft_start
+
+    module = importlib.import_module("recipes.vit_classification")
+    _, fed, method, va = module.parse_args(["--output_dir", str(tmp_path), "--strategy", "fedit",
+                                            "--init_lora_weights", "olora", "--server_calibration_samples", "3"])
+    train = datasets.Dataset.from_dict({"x": list(range(10))})
+    start = peft_start(fed, method, va, train, seed=0)
+    rest, server = list(start["train_dataset"]["x"]), list(start["init_dataset"]["x"])
+    assert len(server) == 3 and sorted(rest + server) == list(range(10)) and rest == sorted(rest)
+    assert start["peft_config"].init_lora_weights == "olora"
+    va.server_calibration_samples = 0
+    assert "init_dataset" not in peft_start(fed, method, va, train, seed=0)
