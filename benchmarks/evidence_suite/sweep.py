@@ -38,6 +38,7 @@ class Sweep:
         metric (`str`): The held-out measure compared: ``"eval_loss"`` (lower is better) or ``"eval_accuracy"``.
         reuses (`dict`): Configuration name -> ``(sweep name, its configuration name)``: runs of the same
             setting that another sweep already made (its baselines), taken instead of repeated.
+        out_dir (`Path`): Where the results go (default benchmarks/results).
     """
 
     name: str
@@ -49,10 +50,11 @@ class Sweep:
     reference: str = "fedit"
     metric: str = "eval_loss"
     reuses: dict = field(default_factory=dict)
+    out_dir: Path = RESULTS_DIR
 
     @property
     def path(self) -> Path:
-        return RESULTS_DIR / f"{self.name}.json"
+        return self.out_dir / f"{self.name}.json"
 
     def planned(self) -> list[tuple[str, int]]:
         """``(configuration, seed)`` of every run this sweep makes itself, in the order they run."""
@@ -63,7 +65,7 @@ class Sweep:
         """The runs of :attr:`reuses` that exist and were measured with this sweep's setting."""
         out = []
         for name, (source, source_name) in self.reuses.items():
-            path = RESULTS_DIR / f"{source}.json"
+            path = self.out_dir / f"{source}.json"
             if not path.exists():
                 continue
             other = json.loads(path.read_text())
