@@ -38,11 +38,28 @@ def history_record(trainer, name: str, seed: int, metrics: tuple[str, ...]) -> d
     return record
 
 
-def run_nlg(name: str, options: dict, seed: int, rouge_new_tokens: int = 32) -> dict:
-    """One NLG-recipe federation with ``options``; the record adds ROUGE-L of the final global model's answers."""
+def trained(build, seed: int) -> tuple[dict, object]:
+    """Seeds, builds (``build()`` returns a ``RecipeBuild``) and trains one federation, timed as a whole.
+
+    Returns:
+        `(record, trainer)`: the record holds the wall and CPU seconds and the load around the run.
+    """
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
 
+    def train() -> dict:
+        set_seed(seed)  # before the build: the LoRA init draws from the global RNG
+        trainer = build().make_trainer()
+        trainer.remove_callback(PrinterCallback)  # the sweep prints one line per run
+        trainer.train()
+        return {"trainer": trainer}
+
+    record = timed_run(train)
+    return record, record.pop("trainer")
+
+
+def run_nlg(name: str, options: dict, seed: int, rouge_new_tokens: int = 32) -> dict:
+    """One NLG-recipe federation with ``options``; the record adds ROUGE-L of the final global model's answers."""
     import recipes.nlg_llama as nlg
     from benchmarks.generation_quality import greedy_answers, mean_rouge_l
 
@@ -52,16 +69,7 @@ def run_nlg(name: str, options: dict, seed: int, rouge_new_tokens: int = 32) -> 
         tokenizer = nlg.load_tokenizer(nlg.model_path(md))
         data = nlg.load_data(md, tokenizer, 0, keep=("category",))  # seed 0: every run sees the same examples
         _, eval_raw = nlg.load_raw_data(md, 0)
-
-        def train() -> dict:
-            set_seed(seed)
-            trainer = nlg.build(args, fed_args, method, md, data=data).make_trainer()
-            trainer.remove_callback(PrinterCallback)
-            trainer.train()
-            return {"trainer": trainer}
-
-        record = timed_run(train)
-        trainer = record.pop("trainer")
+        record, trainer = trained(lambda: nlg.build(args, fed_args, method, md, data=data), seed)
         prompts = [nlg.build_prompt(tokenizer, md, row[md.instruction_column], None) for row in eval_raw]
         with trainer.global_model() as model:
             answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=rouge_new_tokens)
@@ -75,24 +83,12 @@ def run_nlg(name: str, options: dict, seed: int, rouge_new_tokens: int = 32) -> 
 
 def run_lm_classification(name: str, options: dict, seed: int) -> dict:
     """One LM-classification-recipe federation with ``options``; held-out loss and accuracy per round."""
-    from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback
-
     import recipes.lm_classification as cls
 
     with tempfile.TemporaryDirectory() as out:
         args, fed_args, method, la = cls.parse_args(recipe_argv({**options, "seed": seed, "output_dir": out,
                                                                  "disable_tqdm": True, "use_cpu": True}))
         data = cls.load_data(la, cls.load_tokenizer(cls.model_path(la)), 0)
-
-        def train() -> dict:
-            set_seed(seed)
-            trainer = cls.build(args, fed_args, method, la, data=data).make_trainer()
-            trainer.remove_callback(PrinterCallback)
-            trainer.train()
-            return {"trainer": trainer}
-
-        record = timed_run(train)
-        trainer = record.pop("trainer")
+        record, trainer = trained(lambda: cls.build(args, fed_args, method, la, data=data), seed)
     return {**record, **history_record(trainer, name, seed, ("eval_loss", "eval_accuracy")),
             "local_steps": fed_args.local_steps, "num_rounds": fed_args.num_rounds}
