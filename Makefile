@@ -40,9 +40,13 @@ $(TEST_STAMP): $(DEMO_STAMP)
 	rm -f $(VENV)/.test-*
 	touch $@
 
+# The demo's CPU threads: one per physical core, what accelerate would pick itself (and then list among the
+# values it chose); `|| echo 1`: the demo's prerequisites see it too, before .venv exists
+PHYSICAL_CORES = $(shell $(PY) -c 'import psutil; print(psutil.cpu_count(logical=False) or 1)' 2>/dev/null || echo 1)
+demo: export OMP_NUM_THREADS ?= $(PHYSICAL_CORES)
 demo: $(DEMO_STAMP)
-	# the merged model only (bf16, ~270 MB): no federated checkpoint for a demo
-	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --num_processes 1 --cpu recipes/nlg_llama.py --save_rounds -1
+	# the merged model only (bf16, ~270 MB): no federated checkpoint for a demo; one CPU process
+	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --config_file recipes/configs/accelerate_cpu.yaml recipes/nlg_llama.py --save_rounds -1
 
 test: $(TEST_STAMP)
 	# the layer map (docs/architecture.md) as import-linter contracts (pyproject.toml)

@@ -17,7 +17,7 @@ transformers on every message.
 
 from importlib import import_module
 
-from . import _moved
+from . import _moved, _quiet
 from .version import __version__
 
 _EXPORTS = {
@@ -37,6 +37,7 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 _moved.install()
+_quiet.install()  # before transformers imports peft (and peft bitsandbytes): see _quiet.py
 
 
 def __getattr__(name: str):

@@ -16,6 +16,7 @@ import functools
 import json
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from peft import LoraGAConfig
 from transformers import HfArgumentParser, TrainingArguments
 
 from fedsmooth_hf import FederatedArguments, FederatedLoraConfig, FederatedTrainer, FedSmoothLoRAConfig
+from fedsmooth_hf.engine.interrupt import FederationInterrupted, set_resume_command
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 RESUME_LATEST = ("true", "1")  # --resume_from_checkpoint values meaning "the latest round-<k> in output_dir"
@@ -243,6 +245,8 @@ def parse_recipe_args(recipe_arguments: type, defaults: dict, argv: list[str]):
     Returns:
         `(TrainingArguments, FederatedArguments, FedSmoothLoRAConfig, recipe_arguments)`.
     """
+    if list(argv) == sys.argv[1:]:  # this process's command line: after a Ctrl-C it is printed with the resume flag
+        set_resume_command(sys.argv)
     parser = recipe_parser(recipe_arguments, defaults)
     argv, config = list(argv), {}
     if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
@@ -314,14 +318,17 @@ def resume_argument(args: TrainingArguments) -> str | bool | None:
 
 @contextlib.contextmanager
 def output_dir_guard(output_dir: str):
-    """Removes ``output_dir`` again if a run that created it fails while it is still empty."""
+    """Removes ``output_dir`` again if a run that created it fails while it is still empty. A run stopped by
+    Ctrl-C (``FederationInterrupted``: the trainer printed how to resume) exits with status 130, no traceback."""
     path = Path(output_dir)
     existed = path.exists()
     try:
         yield
-    except BaseException:
+    except BaseException as err:
         if not existed and path.is_dir() and not any(path.iterdir()):
             shutil.rmtree(path, ignore_errors=True)
+        if isinstance(err, FederationInterrupted):
+            raise SystemExit(130) from None
         raise
 
 

@@ -1,6 +1,6 @@
 """Federated LoRA fine-tuning of a pretrained language model with a new classification head.
 
-    accelerate launch recipes/lm_classification.py                 # offline default
+    accelerate launch --config_file recipes/configs/accelerate_cpu.yaml recipes/lm_classification.py  # offline default
     accelerate launch recipes/lm_classification.py --strategy fedit --partition iid
     accelerate launch recipes/lm_classification.py --model_name_or_path HuggingFaceTB/SmolLM2-360M \\
         --data_files reviews.jsonl --text_column review --label_column stars --backbone_layers 0 --bf16
@@ -34,6 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `recipes.*` under accelerate launch too
 
+import fedsmooth_hf  # noqa: E402, F401  (first: its log filters, _quiet.py, precede transformers' `import peft`)
+
+# isort: split
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     DataCollatorWithPadding,

@@ -1,6 +1,6 @@
 """Federated instruction tuning of a LLaMA-style causal LM with FedSmoothLoRA (or a baseline).
 
-    accelerate launch recipes/nlg_llama.py                       # offline default
+    accelerate launch --config_file recipes/configs/accelerate_cpu.yaml recipes/nlg_llama.py   # offline default, CPU
     accelerate launch recipes/nlg_llama.py --model_name_or_path meta-llama/Llama-3.2-1B \\
         --data_files my_data.json --num_clients 20 --num_rounds 50 --bf16
     accelerate launch recipes/nlg_llama.py --load_in_4bit         # QLoRA (bitsandbytes NF4)
@@ -29,6 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `recipes.*` under accelerate launch too
 
+import fedsmooth_hf  # noqa: E402, F401  (first: its log filters, _quiet.py, precede transformers' `import peft`)
+
+# isort: split
 from transformers import AutoModelForCausalLM, TrainingArguments, set_seed  # noqa: E402
 
 from fedsmooth_hf import FederatedArguments, FederatedTrainer, FedSmoothLoRAConfig  # noqa: E402

@@ -36,6 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `recipes.*` under accelerate launch too
 
+import fedsmooth_hf  # noqa: E402, F401  (first: its log filters, _quiet.py, precede transformers' `import peft`)
+
+# isort: split
 from transformers import TrainingArguments, default_data_collator, set_seed  # noqa: E402
 
 from fedsmooth_hf import FederatedArguments, FedSmoothLoRAConfig  # noqa: E402

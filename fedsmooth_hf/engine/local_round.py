@@ -37,7 +37,7 @@ from ..model.proximal import ProximalTerm, proximal_loss
 from .result import ClientResult, ClientTrainingError
 
 __all__ = ["run_local_round", "client_round_seed", "local_round_args", "announce_overrides", "conflicting_arguments",
-           "release_engine", "check_local_result", "first_logged_loss"]
+           "release_engine", "check_local_result", "first_logged_loss", "unpinned_without_accelerator"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +115,28 @@ class _DropInfo(logging.Filter):
 
 
 @contextlib.contextmanager
+def unpinned_without_accelerator(args: TrainingArguments):
+    """``args`` with ``dataloader_pin_memory`` off for the ``with`` block where torch finds no accelerator.
+
+    Pinned memory only speeds up copies to an accelerator; without one, torch ignores the setting
+    and warns on every data loader that asks for it (``TrainingArguments``' default does). The
+    loaders behave the same either way; the user's value is back afterwards.
+    """
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    available = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    saved = args.dataloader_pin_memory
+    if not available:
+        args.dataloader_pin_memory = False
+    try:
+        yield args
+    finally:
+        args.dataloader_pin_memory = saved
+
+
+@contextlib.contextmanager
 def local_round_args(args: TrainingArguments, local_steps: int, learning_rate: float):
-    """``args`` with the local round's overrides swapped in (restored after), Trainer's per-call banner silenced."""
+    """``args`` with the local round's overrides swapped in (restored after), Trainer's per-call banner silenced
+    (and pinned memory off without an accelerator: :func:`unpinned_without_accelerator`)."""
     overrides = local_round_overrides(local_steps, learning_rate)
     saved = {k: getattr(args, k) for k in overrides}
     quiet = _DropInfo()
@@ -125,7 +145,8 @@ def local_round_args(args: TrainingArguments, local_steps: int, learning_rate: f
     try:
         for k, v in overrides.items():
             setattr(args, k, v)
-        yield args
+        with unpinned_without_accelerator(args):
+            yield args
     finally:
         for k, v in saved.items():
             setattr(args, k, v)

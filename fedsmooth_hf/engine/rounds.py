@@ -21,7 +21,9 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +32,8 @@ from transformers import TrainerControl
 from ..math.lowrank import factored_norm
 from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback
 from .executor import ClientExecutor
+from .interrupt import FederationInterrupted, InterruptCallback, resume_command, stop_message
+from .local_round import unpinned_without_accelerator
 from .privacy import dp_enabled, poisson_sample
 from .result import ClientResult, ClientTrainingError
 
@@ -80,6 +84,8 @@ class RoundEngine:
         self.executor = executor
         self.ignore_keys = ignore_keys_for_eval
         self.control = TrainerControl()
+        self.interrupt: InterruptCallback | None = None  # Ctrl-C's graceful stop, while run() runs (interrupt.py)
+        self.saved: Path | None = None  # the last round-<k> checkpoint this run wrote
 
     # ------------------------------------------------------------------ events
     def fire(self, event: str, **kwargs) -> TrainerControl:
@@ -114,17 +120,39 @@ class RoundEngine:
             progress = FederatedProgressCallback(fa.num_rounds * fa.clients_per_round,
                                                  initial=start_round * fa.clients_per_round, local_steps=fa.local_steps)
             t.add_callback(progress)
+        self.interrupt = InterruptCallback.for_run(t, self.executor)
+        if self.interrupt is not None:
+            t.add_callback(self.interrupt)
         # Trainer runs a full gc.collect() at every local round; freezing the long-lived
         # objects (imports, datasets, model) keeps that from costing a full heap walk per client round.
         gc.collect()
         gc.freeze()
+        stop = None
         try:
-            return self._run(start_round)
+            with unpinned_without_accelerator(t.args):  # evaluations too: no torch warning on CPU
+                return self._run(start_round)
+        except FederationInterrupted as err:
+            stop = err
+            raise
         finally:
             if progress is not None:
                 progress.close()
                 t.remove_callback(progress)
+            if self.interrupt is not None:
+                self.interrupt.uninstall()
+                t.remove_callback(self.interrupt)
             gc.unfreeze()
+            if stop is not None:  # below the closed progress bar
+                self._say_how_to_resume(stop, start_round)
+
+    def _say_how_to_resume(self, stop: FederationInterrupted, start_round: int) -> None:
+        """Fills in the checkpoint and the command of an interrupted run, and prints them."""
+        fa = self.trainer.fed_args
+        stop.checkpoint = self.saved
+        resumed_from = Path(self.trainer.args.output_dir, f"round-{start_round}")
+        again = resumed_from if stop.checkpoint is None and start_round and resumed_from.is_dir() else None
+        stop.command = resume_command(stop.checkpoint or again)
+        print(stop_message(stop, fa.num_rounds, fa.save_rounds, start_round), file=sys.stderr, flush=True)
 
     def _run(self, start_round: int) -> int:
         t = self.trainer
@@ -140,6 +168,8 @@ class RoundEngine:
                 break
             self.run_round(round_idx)
             done = round_idx + 1
+        if self.interrupt is not None:
+            self.interrupt.check(None)  # a signal after the last round's aggregation still stops the program
         self.executor.finish()
         return done
 
@@ -200,7 +230,7 @@ class RoundEngine:
         t.log({k: record[k] for k in ("train_loss", "merge_norm", "dp_epsilon") if k in record})
         self.fire("on_round_end", round=number, metrics=record)
         if self.control.should_save:
-            t.save_federated_checkpoint(number)
+            self.saved = t.save_federated_checkpoint(number) or self.saved
         return record
 
     @staticmethod

@@ -13,6 +13,7 @@ This module knows nothing about rounds, clients or algorithms.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "ADAPTER",
     "find_target_modules",
     "add_lora",
+    "wrap_lora",
     "lora_layers",
     "lora_scaling",
     "get_lora_factors",
@@ -67,7 +69,7 @@ def add_lora(model: nn.Module, fed_args, peft_config=None) -> nn.Module:
     """``model`` with a LoRA adapter: ``peft_config``, else the one ``fed_args``' LoRA fields describe;
     a ``PeftModel`` is checked and kept as is. Target modules left unset are every ``nn.Linear``
     but the output head (and ``modules_to_save``)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, PeftModel
 
     fa = fed_args
     if isinstance(model, PeftModel):
@@ -80,7 +82,7 @@ def add_lora(model: nn.Module, fed_args, peft_config=None) -> nn.Module:
         _check_lora_config(peft_config)
         if peft_config.target_modules is None:
             peft_config.target_modules = find_target_modules(model, peft_config.modules_to_save or ())
-        return get_peft_model(model, peft_config)
+        return wrap_lora(model, peft_config)
     targets = find_target_modules(model, fa.modules_to_save or ())
     if fa.target_modules:
         wanted = list(fa.target_modules)
@@ -102,7 +104,26 @@ def add_lora(model: nn.Module, fed_args, peft_config=None) -> nn.Module:
         target_modules=targets,
         modules_to_save=fa.modules_to_save,
     )
-    return get_peft_model(model, config)
+    return wrap_lora(model, config)
+
+
+def wrap_lora(model: nn.Module, config) -> nn.Module:
+    """``peft.get_peft_model(model, config)``, without the deprecation warning peft's own code raises.
+
+    peft reads ``model.is_gradient_checkpointing``, a name transformers 5 deprecates in favour of
+    ``is_activation_checkpointing`` with a ``FutureWarning`` on every wrap: the call is inside peft,
+    so nothing here can use the new name, and the warning would name code the user cannot change.
+    Every other warning passes.
+
+    Args:
+        model: the base model to adapt.
+        config: its ``peft.LoraConfig``.
+    """
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def _check_lora_config(config) -> None:

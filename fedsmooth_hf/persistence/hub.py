@@ -19,7 +19,7 @@ from torch import nn
 
 from ..math.factors import Factors
 from ..math.lowrank import dense_top_svd
-from ..model.adapter import lora_scaling
+from ..model.adapter import lora_scaling, wrap_lora
 from ..model.merge import dense_base_weight, is_quantized
 from ..version import __version__
 
@@ -144,7 +144,7 @@ def export_lora_adapter(
     init (PiSSA, LoRA-GA, ...) changed the original weights by ``s (B_g A_g - B_0 A_0)``, up to rank
     ``2 r``: ``rank=2*r`` exports it exactly.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     rel_names = {name: _base_name(name) for name in layers}
     originals = dict(original_model.named_modules())
@@ -165,7 +165,7 @@ def export_lora_adapter(
         init_lora_weights=True,  # never a PiSSA/LoRA-GA init again: the factors below are the whole change
         **config_fields,
     )
-    exported = get_peft_model(original_model, config)
+    exported = wrap_lora(original_model, config)
     wanted = set(rel_names.values())
     new_layers = {_base_name(n): m for n, m in exported.named_modules() if _base_name(n) in wanted}
     for name, rel in rel_names.items():
