@@ -16,8 +16,8 @@ from benchmarks.evidence_nlg import CONFIGS, SETTING
 from fedsmooth_hf import FederatedTrainer
 
 RECIPES = ("nlg_llama", "vit_classification", "lm_classification")
-TINY = {"max_train_samples": 160, "max_eval_samples": 8, "num_rounds": 1, "local_steps": 1, "disable_tqdm": True,
-        "use_cpu": True}
+TINY = {"max_train_samples": 160, "max_eval_samples": 4, "num_rounds": 1, "local_steps": 1, "clients_per_round": 2,
+        "eval_rounds": 0, "disable_tqdm": True, "use_cpu": True}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_benchmark_lora_ga_command_line_calibrates_on_server_examples_only(ckpt,
     B, _ = next(iter(trainer.strategy.global_lora().values()))
     assert B.abs().sum() > 0, "the round-0 global adapter is LoRA-GA's, not a zero B"
     trainer.train()
-    assert torch.isfinite(torch.tensor(trainer.round_history[-1]["eval_loss"]))
+    assert torch.isfinite(torch.tensor(trainer.round_history[-1]["train_loss"]))
 
 
 def test_lora_ga_without_server_samples_is_an_error_naming_the_flag(ckpt, tmp_path):
