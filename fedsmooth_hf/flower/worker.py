@@ -32,6 +32,7 @@ __all__ = ["call_worker", "socket_path", "serve"]
 KEY_FILE = "worker.key"
 PID_FILE = "worker.pid"
 LOG_FILE = "worker.log"
+SPEC_FILE = "worker.spec.json"  # the builder and run config the running worker was started for
 
 
 def socket_path(state_dir) -> str:
@@ -59,6 +60,7 @@ def _start(spec: dict, launcher: str, timeout: float) -> None:
     log = open(state_dir / LOG_FILE, "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     (state_dir / PID_FILE).write_text(str(proc.pid))
+    (state_dir / SPEC_FILE).write_text(_stamp(spec))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -70,12 +72,31 @@ def _start(spec: dict, launcher: str, timeout: float) -> None:
     raise TimeoutError(f"the client worker did not start within {timeout} s; see {state_dir / LOG_FILE}")
 
 
+def _stamp(spec: dict) -> str:
+    return json.dumps({k: spec[k] for k in ("builder", "client", "config")}, sort_keys=True, default=str)
+
+
+def _retire(conn, state_dir: Path, timeout: float = 120.0) -> None:
+    """Shut down a worker started for another builder or run config (a run that failed leaves its worker
+    behind until ``worker-idle-timeout``): it must not serve this run with that run's trainer."""
+    with conn:
+        conn.send(("shutdown",))
+        conn.recv()
+    deadline = time.monotonic() + timeout
+    while os.path.exists(socket_path(state_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)  # it removes its socket as it exits: the next worker's must not go with it
+
+
 def call_worker(spec: dict, request: tuple, launcher: str = "", start_timeout: float = 900.0):
     """Send ``request`` to the node's worker (starting it if needed) and return its reply."""
     state_dir = Path(spec["state_dir"])
     address = socket_path(state_dir)
     try:
         conn = Client(address, family="AF_UNIX", authkey=_key(state_dir))
+        stamp = state_dir / SPEC_FILE
+        if stamp.is_file() and stamp.read_text() != _stamp(spec):
+            _retire(conn, state_dir)
+            raise ConnectionRefusedError("the worker of another run")
     except (FileNotFoundError, ConnectionRefusedError):
         if os.path.exists(address):
             os.unlink(address)  # left behind by a worker that died

@@ -1,37 +1,112 @@
 """Flower deployment engine: a SuperLink and SuperNodes as separate processes on 127.0.0.1.
 
-One secure cluster for the module: TLS on every SuperLink API (a CA and server
-certificate made in the test) and SuperNode authentication (registered EC keys).
+One secure cluster for the module, started with the commands of docs/flower.md's deployment
+section as written there (read from the doc; only addresses, ports and paths are replaced): TLS
+on every SuperLink API with the doc's openssl certificates and SuperNode authentication with its
+ssh-keygen keys, registered with ``flwr supernode register``. Each SuperNode has its own data.
 """
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
+import subprocess
 import time
 
 import pytest
 import torch
 from flower_task import build_trainer
 from safetensors.torch import load_file
-from support.flower_cluster import Cluster, make_node_key, write_app
-from support.tiny import make_tiny_llama
+from support.doc_commands import ROOT, block_commands
+from support.flower_cluster import Cluster, free_port, write_app
+from support.tiny import make_tiny_llama, save_tiny_llama_checkpoint
+
+DOC = ROOT / "docs" / "flower.md"
+LAUNCHER = "accelerate launch --num_processes 1 --cpu"
+
+
+def doc_deployment() -> dict[str, list[str]]:
+    """The deployment section's commands by program, and its connection (the ``[superlink.myfed]`` TOML)."""
+    text = DOC.read_text()
+    section = text[text.index("## Deployment"):]
+    section = section[:section.index("\n## ", 3)]
+    commands: dict[str, list[str]] = {}
+    for command in block_commands(DOC):
+        if command.text.split()[0] in ("openssl", "ssh-keygen", "flower-superlink", "flower-supernode", "flwr") \
+                and command.tested == ["tests/flower/test_flower_deployment.py"]:
+            key = "flwr " + command.text.split()[1] if command.text.startswith("flwr ") else command.text.split()[0]
+            commands.setdefault(key, []).append(command.text)
+    commands["connection"] = [re.search(r"```toml\n(\[superlink\.myfed\].*?)```", section, re.S).group(1)]
+    return commands
+
+
+def _localize(line: str, cluster, k=None, key=None) -> str:
+    """The doc's line for this loopback federation: address, ports, key and paths; nothing else."""
+    line = line.replace("server.example.org:9093", cluster.address).replace("--host 0.0.0.0", "--host 127.0.0.1")
+    line = line.replace("--port 9093", f"--port {cluster.port}").replace("--port 9094", f"--port {free_port()}")
+    line = line.replace("/path/to/ca.pem", str(cluster.root / "ca.pem"))
+    if k is not None:
+        line = line.replace("node_k", f"node_{k if key is None else key}")
+        line = line.replace("partition-id=k", f"partition-id={k}")
+        line = line.replace("/var/lib/fedsmooth/client", str(cluster.root / "clients" / f"partition-{k}"))
+        line = line.replace("/data/mine.jsonl", str(cluster.root / "data" / f"client{k}.jsonl"))
+    return line
+
+
+def _shell(cluster, line: str) -> str:
+    done = subprocess.run(["bash", "-ec", line], cwd=cluster.root, env=cluster.env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, f"{line}\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def start_supernode(cluster, name: str, k: int, launcher: str = "", key=None):
+    """The doc's ``flower-supernode`` line for client ``k`` (node 0 adds the documented ``launcher`` key)."""
+    line = _localize(doc_deployment()["flower-supernode"][0], cluster, k, key)
+    if launcher:
+        line = line.replace("local-data=true", f'local-data=true launcher="{launcher}"')
+    return cluster._start(name, ["bash", "-c", "exec " + line])
+
+
+def _client_data(path, k: int, rows: int = 24):
+    """Client k's own instruction data (its words, its category)."""
+    lines = [json.dumps({"instruction": f"Repeat the word number {i} of client {k}.", "output": f"word {i} {k}",
+                         "category": f"client{k}"}) for i in range(rows)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("flower")
     make_tiny_llama().save_pretrained(root / "model")
-    cluster = Cluster(root, secure=True)
+    cluster = Cluster(root, secure=False)  # the doc's TLS and keys below, not the helper's
+    doc = doc_deployment()
     try:
-        cluster.start_superlink()
+        for line in doc["openssl"]:
+            _shell(cluster, line)
+        cluster.secure = True
+        cluster.tls = {"ca": root / "ca.pem", "cert": root / "server.pem", "key": root / "server.key"}
+        (root / "flwr_home" / "config.toml").write_text(
+            '[superlink]\ndefault = "myfed"\n\n' + _localize(doc["connection"][0], cluster))
+        superlink = cluster._start("superlink", ["bash", "-c", "exec " + _localize(doc["flower-superlink"][0],
+                                                                                   cluster)])
+        deadline = time.monotonic() + 120
+        while True:
+            assert superlink.poll() is None and time.monotonic() < deadline, cluster.log("superlink")[-3000:]
+            try:
+                socket.create_connection(("127.0.0.1", cluster.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
         for i in range(2):
-            private, public = make_node_key(root, f"node{i}")
-            cluster.register(public)
+            _shell(cluster, _localize(doc["ssh-keygen"][0], cluster, i))
+            _client_data(root / "data" / f"client{i}.jsonl", i)
+            _shell(cluster, _localize(doc["flwr supernode"][0], cluster, i))
             # client 0 is a "multi-GPU silo": its local rounds run on an accelerate launch group (1 CPU process here)
-            cluster.start_supernode(f"supernode{i}", i, root / "clients" / f"partition-{i}", private,
-                                    launcher="accelerate launch --num_processes 1 --cpu" if i == 0 else "")
+            start_supernode(cluster, f"supernode{i}", i, launcher=LAUNCHER if i == 0 else "")
         yield cluster
     finally:
         cluster.close()
@@ -55,8 +130,8 @@ def _history(config):
 
 
 def test_two_supernodes_match_in_process_run_and_unregistered_key_is_refused(cluster, tmp_path):
-    intruder_key, _ = make_node_key(tmp_path, "intruder")  # never registered
-    intruder = cluster.start_supernode("intruder", 0, tmp_path / "intruder", intruder_key)
+    _shell(cluster, _localize(doc_deployment()["ssh-keygen"][0], cluster, 0, "intruder"))  # never registered
+    intruder = start_supernode(cluster, "intruder", 0, key="intruder")
     config = _app_config(cluster, "full")
     run = _run(cluster, "full", config)
     assert run.wait(timeout=600) == 0, cluster.log("full")[-3000:]
@@ -130,3 +205,73 @@ def test_killed_supernode_round_completes_or_fails_as_configured(cluster):
     assert "FederationError: round 1: 1 of 2 sampled clients have a connected SuperNode" in log, log[-3000:]
     assert "min-fit-fraction=1.0 needs 2; failed clients: {1: 'no connected SuperNode" in log, log[-3000:]
     assert not os.path.exists(os.path.join(config["output-dir"], "model.safetensors"))
+
+
+def _received_train(cluster, name: str) -> int:
+    return cluster.log(name).count("Receiving: train message")
+
+
+def restart_supernode(cluster, k: int, timeout: float = 240) -> int:
+    """The doc's command again, until the SuperLink takes it: while it still counts the killed node as
+    online (two missed heartbeats) it refuses the key (exit 305). Returns the number of refusals."""
+    deadline, refused = time.monotonic() + timeout, 0
+    while True:
+        name = f"supernode{k}-restart{refused}"
+        node = start_supernode(cluster, name, k)
+        while node.poll() is None and "SuperNode ID:" not in cluster.log(name):
+            assert time.monotonic() < deadline, cluster.log(name)[-3000:]
+            time.sleep(0.2)
+        if node.poll() is None:
+            return refused
+        assert "Failed to activate SuperNode" in cluster.log(name), cluster.log(name)[-3000:]
+        refused += 1
+        time.sleep(3)
+
+
+def test_recipes_app_as_documented_survives_a_killed_supernode_that_resumes(cluster, tmp_path_factory):
+    """docs/flower.md's ``flwr run recipes/flower myfed ...`` with each node's own data; SuperNode 1 is
+    SIGKILLed (with its worker: the machine is gone) in round 2 of 2, then restarted with the doc's command."""
+    root = cluster.root
+    if cluster.procs.get("supernode1") is None or cluster.procs["supernode1"].poll() is not None:
+        cluster.procs.pop("supernode1", None)  # the kill test took it down: the doc's command brings it back
+        restart_supernode(cluster, 1)
+    ckpt = save_tiny_llama_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"))
+    sizes = (f"--model_name_or_path {ckpt} --output_dir {root / 'recipe_run'} --num_clients 2 --clients_per_round 2 "
+             "--num_rounds 2 --local_steps 1 --max_train_samples 16 --max_eval_samples 4 "
+             "--per_device_train_batch_size 4 "
+             "--ga_samples 4 --ga_batch_size 4 --max_length 48 --max_new_tokens 2 --disable_tqdm true")
+    merged = root / "recipe_merged"
+    # round-timeout: long enough for the SuperLink to count the killed node offline and take it back
+    line = _localize(doc_deployment()["flwr run"][0], cluster).replace("round-timeout=600", "round-timeout=60")
+    line = line.replace("recipes/flower", str(ROOT / "recipes" / "flower"))
+    line += f""" --run-config 'recipe-args="{sizes}" output-dir="{merged}"'"""
+    sent = sum(_received_train(cluster, name) for name in cluster.procs if name.startswith("supernode1"))
+    node1 = next(name for name in cluster.procs if name.startswith("supernode1"))
+    run = cluster._start("recipes_run", ["bash", "-c", "exec " + line])
+    deadline = time.monotonic() + 400
+    while _received_train(cluster, node1) < sent + 2:  # round 1 answered, round 2 being trained
+        assert time.monotonic() < deadline and run.poll() is None, cluster.log("recipes_run")[-4000:]
+        time.sleep(0.2)
+    state = root / "clients" / "partition-1"
+    cluster.kill(node1)
+    os.killpg(int((state / "worker.pid").read_text()), signal.SIGKILL)
+    # the same command (same key, same state-dir); refused while the SuperLink still counts the dead node online
+    assert restart_supernode(cluster, 1) >= 1
+
+    assert run.wait(timeout=600) == 0, cluster.log("recipes_run")[-4000:]
+    log = cluster.log("recipes_run")
+    # the documented policy (min-fit-fraction=0.5), in the server's log and its history
+    assert "skipping round 2, client 1: no reply within round-timeout=60.0 s" in log, log[-4000:]
+    history = json.loads((merged / "federated_history.json").read_text())["round_history"]
+    rounds = [r for r in history if "clients" in r]
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["clients"] == [0, 1] for r in rounds)
+    assert [list(r["failed_clients"]) for r in rounds] == [[], ["1"]], rounds
+    assert list(rounds[1]["client_train_loss"]) == ["0"]
+    # nothing lost: a second process loaded client 1 (from state-dir: round 1 applied), took the update it
+    # missed with the final message and ended on the global model
+    node = json.loads((state / "node.json").read_text())
+    assert node["loads"] == 2 and node["applied"] == 2, node
+    final = history[-1]
+    assert final["final_sync"] and final["client_base_weight_sum"] == {"0": final["server_base_weight_sum"],
+                                                                       "1": final["server_base_weight_sum"]}
+    assert (merged / "model.safetensors").is_file()
