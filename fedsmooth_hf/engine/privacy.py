@@ -34,7 +34,7 @@ from ..math.privacy import clip_scale, linear_norm, noisy_linear_sum, noisy_prod
 logger = logging.getLogger(__name__)
 
 __all__ = ["DP_CLIPPING", "RDP_ORDERS", "dp_enabled", "poisson_sample", "round_noise_multiplier", "epsilon_after",
-           "calibrate_noise_multiplier", "ClientLevelDP"]
+           "calibrate_noise_multiplier", "round_generator", "ClientLevelDP"]
 
 DP_CLIPPING = ("fixed", "adaptive")
 #: Renyi orders of the accountant: integers, where its numerics always converge
@@ -63,6 +63,13 @@ def round_noise_multiplier(z: float, releases: int, count_stddev: float | None =
     if count_stddev is not None:
         inverse_square += 1.0 / (2.0 * count_stddev) ** 2
     return inverse_square ** -0.5
+
+
+def round_generator(seed: int, round_idx: int, role: int) -> torch.Generator:
+    """The seeded generator of round ``round_idx`` for ``role`` (1: the shared sketch ``Omega``, which any
+    party can draw; 2: the server's noise): clients of a secure aggregation draw the same ``Omega``."""
+    state = np.random.SeedSequence([seed, round_idx, role]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 def _dp_accounting():
@@ -168,17 +175,14 @@ class ClientLevelDP:
     def epsilon(self) -> float:
         return epsilon_after(self.rounds, self.rate, self.z_round, self.delta)
 
-    def _generators(self, round_idx: int) -> tuple[torch.Generator, torch.Generator]:
-        def generator(role: int) -> torch.Generator:
-            seed = np.random.SeedSequence([self.seed, round_idx, role]).generate_state(1)[0]
-            return torch.Generator().manual_seed(int(seed))
-
-        return generator(1), generator(2)  # the shared sketch (any party can draw it), the server's noise
+    def generators(self, round_idx: int) -> tuple[torch.Generator, torch.Generator]:
+        """The round's shared sketch generator (any party can draw it) and the server's noise generator."""
+        return round_generator(self.seed, round_idx, 1), round_generator(self.seed, round_idx, 2)
 
     def release(self, round_idx: int, uploads: dict) -> tuple[object, dict]:
         """The strategy's update from ``uploads`` (``client -> factors``) under DP, and the round's record."""
         strategy, std = self.strategy, self.noise_multiplier * self.clip
-        sketch_gen, noise_gen = self._generators(round_idx)
+        sketch_gen, noise_gen = self.generators(round_idx)
         clients = sorted(uploads)
         released, norms = {}, {}
         for form in strategy.dp_forms:
@@ -192,26 +196,37 @@ class ClientLevelDP:
             else:
                 total = noisy_product_sum(contributions, scales, std, self.shapes, self.sketch_width, sketch_gen,
                                           noise_gen)
-            released[form] = self._mean(form, total)
+            released[form] = self.mean(form, total)
         update = strategy.aggregate_released(released)
-        self.rounds += 1
-        record = {"dp_epsilon": self.epsilon(), "dp_clip_norm": self.clip, "dp_clients": len(clients),
-                  "dp_clipped_share": float(np.mean([n > self.clip for ns in norms.values() for n in ns]))
-                  if clients else 0.0}
-        if self.adaptive:
-            self._adapt_clip(norms, noise_gen)
-            record["dp_next_clip_norm"] = self.clip
-        return update, record
+        clipped = {form: sum(n > self.clip for n in ns) for form, ns in norms.items()}
+        return update, self.close_round(len(clients), clipped, noise_gen)
 
-    def _mean(self, form: str, total):
+    def close_round(self, clients: int, clipped: dict[str, int], noise_gen: torch.Generator) -> dict:
+        """Count the round in the ledger and return its record; with adaptive clipping, move ``C``.
+
+        Args:
+            clients: how many clients the round's release summed.
+            clipped: per contribution form, how many of them were scaled down to ``C`` (counts are all a
+                secure aggregation reveals, so the record and the adaptive step read only counts).
+            noise_gen: the round's noise generator, after the releases (the noised count draws from it).
+        """
+        self.rounds += 1
+        record = {"dp_epsilon": self.epsilon(), "dp_clip_norm": self.clip, "dp_clients": clients,
+                  "dp_clipped_share": float(sum(clipped.values()) / (clients * len(clipped))) if clients else 0.0}
+        if self.adaptive:
+            within = clients - clipped[self.strategy.dp_forms[0]] if clients else 0
+            self._adapt_clip(within, noise_gen)
+            record["dp_next_clip_norm"] = self.clip
+        return record
+
+    def mean(self, form: str, total):
         """The sum over the fixed denominator ``q N``."""
         n = float(self.expected_clients)
         if form == "factors":
             return {k: v / n for k, v in total.items()}
         return {name: (Q, Z / n) for name, (Q, Z) in total.items()}
 
-    def _adapt_clip(self, norms: dict, noise_gen: torch.Generator) -> None:
-        within = sum(n <= self.clip for n in next(iter(norms.values())))
+    def _adapt_clip(self, within: int, noise_gen: torch.Generator) -> None:
         noised = within + float(torch.randn((), generator=noise_gen)) * self.count_stddev
         share = noised / self.expected_clients
         self.clip *= math.exp(-self.clip_learning_rate * (share - self.target_quantile))

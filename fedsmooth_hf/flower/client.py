@@ -21,6 +21,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from .secure_sum import secure_reply, secure_request, secure_sum_mod
 from .wire import reply_content, to_arrays
 
 __all__ = ["make_client_app", "client_state_dir"]
@@ -41,7 +42,8 @@ def _short_lived_process() -> bool:
     return sys.argv[0].endswith("flwr-clientapp")
 
 
-def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = None) -> ClientApp:
+def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = None,
+                    mods: list[Callable] | None = None) -> ClientApp:
     """A ClientApp whose clients are ``build_trainer(partition_id, run_config)`` trainers.
 
     ``build_trainer`` returns the :class:`~fedsmooth_hf.FederatedTrainer` of one client
@@ -56,8 +58,12 @@ def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = No
     ``worker`` (``auto``/``inprocess``/``process``) and ``launcher`` (for example
     ``"accelerate launch --num_processes 4"``: the local round runs on a worker process
     group, Flower talks to rank 0 only).
+
+    The app always carries Flower's ``secaggplus_mod`` (through :func:`.secure_sum.secure_sum_mod`, which
+    hands it only the secure-sum stages), so the server's ``secure-aggregation`` run config alone turns
+    secure aggregation on. ``mods``: further Flower mods, applied outside it (e.g. a test's fault injection).
     """
-    app = ClientApp()
+    app = ClientApp(mods=[*(mods or []), secure_sum_mod])
     defaults = dict(defaults or {})
 
     def dispatch(context: Context, request: tuple) -> tuple[dict, dict]:
@@ -98,6 +104,10 @@ def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = No
         return Message(RecordDict({"node": info}), reply_to=msg)
 
     def handle(msg: Message, context: Context) -> Message:
+        secure = secure_request(msg)
+        if secure is not None:  # a secure sum's 'collect masked vectors' stage: secaggplus_mod masks the reply
+            _, vector = dispatch(context, ("secure", *secure))
+            return secure_reply(msg, vector)
         request = ("handle", dict(msg.content["config"]), to_arrays(msg.content.array_records.get("updates")))
         metrics, upload = dispatch(context, request)
         return Message(reply_content(metrics, upload), reply_to=msg)

@@ -92,6 +92,7 @@ class ClientNode:
         self.applied = 0
         self.loads = 1  # processes that loaded the model for this run: 1 unless a client process restarted
         self.has_initial_adapter = False
+        self.held = None  # secure aggregation: (round, this round's ClientResult), summed but never sent
         if self.is_writer:
             (self.state_dir / UPDATES_DIR).mkdir(parents=True, exist_ok=True)
         self._restore()
@@ -205,11 +206,36 @@ class ClientNode:
             metrics["client_eval"] = self.evaluate()
         if config["action"] == "train":
             result = self.trainer.train_client_round(round_idx, self.client)
-            upload = upload_to_arrays(self.trainer.strategy, self.client, result.upload)
-            upload.update(tensors_to_arrays("extra", result.extras))
+            if config.get("secure"):  # secure aggregation: the upload stays here, only sums of it leave
+                self.held = (round_idx, result)
+            else:
+                upload = upload_to_arrays(self.trainer.strategy, self.client, result.upload)
+                upload.update(tensors_to_arrays("extra", result.extras))
             metrics.update(result.figures())
         self._persist()
         return metrics, upload
+
+    def secure_vector(self, config: Mapping, arrays: list) -> tuple[dict, dict[str, np.ndarray]]:
+        """This client's vector for one secure sum of the round it trained last (:mod:`.secure_contribution`).
+
+        ``config``: the server's request (``secure-pass``, ``round``, ...); ``arrays``: the sketch basis
+        ``Q`` per module (in the adapter's order) for the last pass of a product. A client that has not
+        trained that round (it restarted in between) fails: it drops out of the round.
+        """
+        from .secure_contribution import contribution_vector, layer_shapes
+
+        if str(config["run_token"]) != self.run_token:
+            raise RuntimeError(
+                f"client {self.client} serves run {self.run_token}, got a message of run {config['run_token']}")
+        round_idx = int(config["round"])
+        if self.held is None or self.held[0] != round_idx:
+            raise RuntimeError(f"client {self.client} holds no upload of round {round_idx + 1} to aggregate")
+        result = self.held[1]
+        shapes = layer_shapes(self.trainer)
+        vector = contribution_vector(self.trainer.strategy, self.client, result.upload, result.extras,
+                                     result.num_examples, config, dict(zip(shapes, arrays)), shapes,
+                                     int(self.trainer.args.seed))
+        return {}, vector
 
 
 class NodeCache:
@@ -234,12 +260,15 @@ class NodeCache:
 
 
     def serve(self, build_trainer, client: int, config: Mapping, state_dir, request: tuple) -> tuple[dict, dict]:
-        """One request of the ClientApp: ``("ready", config, {})`` or ``("handle", config, arrays)``."""
+        """One request of the ClientApp: ``("ready", config, {})``, ``("handle", config, arrays)`` or
+        ``("secure", config, [arrays])`` (a secure sum's vector)."""
         action, message_config, arrays = request
         node = self.get(build_trainer, client, config, state_dir, message_config["run_token"])
         if action == "ready":
             return {"num_examples": node.num_examples, "base_weight_sum": base_weight_sum(node.trainer),
                     "client_rank": node.trainer.strategy.client_rank(node.client)}, {}
+        if action == "secure":
+            return node.secure_vector(message_config, arrays)
         return node.handle(message_config, arrays)
 
 

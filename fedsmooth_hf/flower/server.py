@@ -6,7 +6,9 @@ trainer's own round loop (:mod:`fedsmooth_hf.engine.rounds`) with a :class:`Flow
 same client draw, aggregate, merge, records, log lines and callbacks as in-process. The
 executor sends each sampled client the server updates it has not applied yet and
 collects its upload; the clients apply the merged update next time they are contacted. Only factors and small
-metadata cross the wire; the bytes of every upload are recorded in the round history.
+metadata cross the wire; the bytes of every upload are recorded in the round history. With
+``secure-aggregation = true`` the uploads stay on the clients and the aggregate comes from Flower's
+SecAgg+ sums (:mod:`.secure_round`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..engine.client_eval import report_client_metrics
 from ..engine.executor import ClientExecutor, ClientTrainingError
 from ..math.factors import UPLOAD_PREFIX
+from .secure_sum import SecureAggregationOptions
 from .wire import (
     factors_to_arrays,
     raw_bytes,
@@ -118,6 +121,11 @@ class FlowerExecutor(ClientExecutor):
         self.initialized: set[int] = set()  # nodes that hold the initial adapter
         self.partitions: dict[int, int] = {}
         self._record: dict = {}
+        try:
+            self.secure = SecureAggregationOptions.from_config(config)
+        except ValueError as err:
+            raise FederationError(str(err)) from err
+        self._plain_release = None
 
     def start(self, engine, start_round: int) -> None:
         from .node import base_weight_sum, federation_fingerprint
@@ -137,9 +145,47 @@ class FlowerExecutor(ClientExecutor):
         except ValueError as err:
             raise FederationError(f"a SuperNode declared an adapter rank the federation cannot take: {err}") from err
         logger.info("federation: partitions %s on %d SuperNodes", sorted(self.partitions), len(nodes))
+        if self.secure.enabled:
+            self.install_secure_release()
         self.fingerprint = {f"fp-{k}": v for k, v in federation_fingerprint(trainer).items()}
         self.full_model = model_bytes(trainer)
         self.initial_adapter = factors_to_arrays("init", trainer.strategy.init_lora)
+
+    def install_secure_release(self) -> None:
+        """Check the run can be served under secure aggregation (one clear error naming the option that
+        cannot), then route the round loop's release through the secure sums."""
+        from ..strategies import FederatedStrategy
+        from .secure_round import SecureRelease
+
+        trainer, opts = self.trainer, self.secure
+        fa, dp = trainer.fed_args, trainer.privacy
+        if type(trainer.strategy).aggregate_released is FederatedStrategy.aggregate_released:
+            raise FederationError(f"strategy={fa.strategy!r} has no aggregate of summed contributions "
+                                  "(aggregate_released): it cannot run with secure-aggregation = true")
+        if dp is None and fa.clients_per_round < 2:
+            raise FederationError(f"clients_per_round={fa.clients_per_round}: secure aggregation sums at least 2 "
+                                  "clients (a sum of one is that client's upload)")
+        if fa.client_eval_fraction > 0 and not opts.allow_client_metrics:
+            raise FederationError(
+                f"client_eval_fraction={fa.client_eval_fraction}: per-client evaluation sends each client's own "
+                "metrics to the server in the clear, outside secure aggregation; set "
+                "secure-aggregation-allow-client-metrics = true to accept that")
+        if dp is not None and opts.sketch_width:
+            raise FederationError(f"secure-aggregation-sketch-width={opts.sketch_width}: under client-level DP the "
+                                  "sketch width is dp_sketch_width (the accounting assumes it)")
+        if dp is not None and not dp.adaptive and dp.clip > opts.clipping_range:
+            raise FederationError(
+                f"secure-aggregation-clipping-range={opts.clipping_range} is below dp_clip_norm={dp.clip}: a "
+                "clipped contribution's entries reach C and would not fit; raise the clipping range")
+        self._plain_release = dp
+        trainer.privacy = SecureRelease(dp)
+
+    def restore_release(self) -> None:
+        """Give the trainer back its own DP (or none) after the run: the model card describes that."""
+        from .secure_round import SecureRelease
+
+        if isinstance(self.trainer.privacy, SecureRelease):
+            self.trainer.privacy = self._plain_release
 
     def _message(self, node: int, action: str, round_idx: int, finish: bool = False,
                  message_type: str = MessageType.TRAIN) -> Message:
@@ -150,7 +196,7 @@ class FlowerExecutor(ClientExecutor):
             arrays.update(self.update_log[k])
         cfg = {"action": action, "round": round_idx, "first_update": first,
                "num_updates": len(self.update_log) - first, "run_token": self.run_token, "finish": finish,
-               **self.fingerprint}
+               "secure": self.secure.enabled, **self.fingerprint}
         content = RecordDict({"config": ConfigRecord(cfg), "updates": to_record(arrays)})
         return Message(content, dst_node_id=node, message_type=message_type, group_id=str(round_idx + 1))
 
@@ -159,6 +205,13 @@ class FlowerExecutor(ClientExecutor):
         failed: dict[int, str] = {}
         msgs, download = [], {}
         needed = math.ceil(self.min_fit_fraction * len(clients))
+        if self.secure.enabled:
+            if len(clients) < 2:  # only a Poisson-sampled DP round: released as the noise alone
+                self._record = {"secure_skipped_clients": {str(c): "a secure sum needs at least 2 clients"
+                                                           for c in clients}}
+                self.trainer.privacy.pending = self._skipped_release(round_idx)
+                return {}
+            needed = max(needed, 2)
         for c in clients:
             if c not in partitions:
                 failed[c] = "no connected SuperNode has this partition-id"
@@ -190,6 +243,7 @@ class FlowerExecutor(ClientExecutor):
                 self.initialized.add(partitions[c])
         if len(outcomes) < max(needed, 1):
             _too_few(round_idx, len(outcomes), clients, needed, self.min_fit_fraction, failed)
+        secure = self._secure_aggregate(round_idx, outcomes, failed, clients, needed) if self.secure.enabled else {}
         for c, reason in failed.items():
             outcomes[c] = ClientTrainingError(number, c, reason)
         for c in clients:
@@ -200,8 +254,37 @@ class FlowerExecutor(ClientExecutor):
             "upload_lora_bytes": {str(c): v for c, v in lora.items()},
             "download_bytes": {str(c): v for c, v in download.items()},
             "model_bytes": self.full_model,
+            **secure,
         }
         return {c: outcomes[c] for c in clients}
+
+    def _secure_aggregate(self, round_idx, outcomes, failed, clients, needed) -> dict:
+        """The round's aggregate from secure sums over the clients that trained (they kept their uploads);
+        a client that drops out of them fails the round like a client that did not train."""
+        from .secure_round import run_secure_round
+
+        number = round_idx + 1
+        trained = {c: self.partitions[c] for c in outcomes}
+        try:
+            result = run_secure_round(self, round_idx, trained, {c: outcomes[c].num_examples for c in outcomes})
+        except (RuntimeError, ValueError) as err:
+            raise FederationError(f"round {number}: {err}") from err
+        for c, reason in result.dropped.items():  # the caller records them as failed clients
+            failed[c] = reason
+            del outcomes[c]
+        if len(outcomes) < needed:
+            _too_few(round_idx, len(outcomes), clients, needed, self.min_fit_fraction, failed,
+                     "finished the secure aggregation")
+        for c in result.clients:  # the loop averages modules_to_save per client: each holds the secure mean
+            outcomes[c].extras = dict(result.extras or {})
+        self.trainer.privacy.pending = (result.update, result.record)
+        return {"secure_sum_entries": result.entries, "secure_clients": result.clients}
+
+    def _skipped_release(self, round_idx):
+        """A DP round with fewer than 2 sampled clients: the release is the noise alone (nobody contributes)."""
+        from .secure_round import run_noise_only_round
+
+        return run_noise_only_round(self.trainer, round_idx)
 
     def round_record(self) -> dict:
         return self._record
@@ -241,6 +324,7 @@ class FlowerExecutor(ClientExecutor):
         """Bring every client to the final global model (and let their workers exit)."""
         from .node import base_weight_sum
 
+        self.restore_release()
         trainer, num_rounds = self.trainer, len(self.update_log)
         final = [self._message(node, "sync", num_rounds, finish=True) for node in sorted(self.partitions.values())]
         sums = {}
@@ -256,7 +340,11 @@ class FlowerExecutor(ClientExecutor):
 def run_federation(grid: Grid, trainer, config: Mapping, run_token: str) -> list[dict]:
     """The federation: the trainer's round loop with a :class:`FlowerExecutor`; returns the round history
     (also written next to the saved model)."""
-    trainer.train(executor=FlowerExecutor(grid, trainer, config, run_token))
+    executor = FlowerExecutor(grid, trainer, config, run_token)
+    try:
+        trainer.train(executor=executor)
+    finally:
+        executor.restore_release()
     return trainer.round_history
 
 
@@ -272,7 +360,9 @@ def make_server_app(build_trainer: Callable | str, defaults: Mapping | None = No
     ``query-timeout`` (s, for the SuperNodes to load their model and say their partition-id,
     default 900), ``output-dir``
     (where the merged model and ``federated_history.json`` go; default the trainer's
-    ``output_dir``). ``on_finish(trainer)`` is called at the end (tests, notebooks).
+    ``output_dir``), and ``secure-aggregation`` with its ``secure-aggregation-*`` keys (the server sees only
+    SecAgg+ sums: :class:`~fedsmooth_hf.flower.secure_sum.SecureAggregationOptions`, docs/flower.md).
+    ``on_finish(trainer)`` is called at the end (tests, notebooks).
     """
     app = ServerApp()
     defaults = dict(defaults or {})

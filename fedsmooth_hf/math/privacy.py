@@ -33,7 +33,7 @@ import torch
 from .factors import ModuleFactors
 from .lowrank import factored_norm
 
-__all__ = ["linear_norm", "product_norm", "clip_scale", "noisy_linear_sum", "sketch_test_matrix",
+__all__ = ["linear_norm", "product_norm", "clip_scale", "gaussian_noise", "noisy_linear_sum", "sketch_test_matrix",
            "noisy_product_sum"]
 
 Tensor = torch.Tensor
@@ -54,10 +54,16 @@ def clip_scale(norm: float, clip: float) -> float:
     return 1.0 if norm <= clip else clip / norm
 
 
-def _noise(shape, std: float, generator: torch.Generator) -> Tensor:
+def gaussian_noise(shape, std: float, generator: torch.Generator) -> Tensor:
+    """``N(0, std^2)`` of ``shape`` from ``generator``. A release split over several messages (secure
+    aggregation under Flower) draws its noise here in the in-process order, so both runs add the same noise;
+    ``std == 0`` draws nothing."""
     if std == 0.0:
         return torch.zeros(shape)
     return torch.randn(shape, generator=generator) * std
+
+
+_noise = gaussian_noise
 
 
 def noisy_linear_sum(contributions: Sequence[Mapping[str, Tensor]], scales: Sequence[float], std: float,

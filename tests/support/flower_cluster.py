@@ -210,3 +210,22 @@ class Cluster:
             except (ProcessLookupError, ValueError, PermissionError):
                 pass
             Path(socket_path(pid_file.parent)).unlink(missing_ok=True)
+
+
+class DropOutAtStage:
+    """A Flower client mod that makes one SuperNode drop out of a secure aggregation at one SecAgg+ stage
+    (e.g. ``collect_masked_vectors``: after it shared its keys, before it sent its masked vector) of one
+    round. A class, not a closure: simulation ships the ClientApp's mods to Ray actors by reference."""
+
+    def __init__(self, partition_id: int, stage: str, round_number: int):
+        self.partition_id, self.stage, self.round_number = partition_id, stage, round_number
+
+    def __call__(self, msg, context, call_next):
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if (configs is not None and configs.get(Key.STAGE) == self.stage
+                and int(context.node_config["partition-id"]) == self.partition_id
+                and msg.metadata.group_id == str(self.round_number)):
+            raise RuntimeError(f"injected drop-out of partition {self.partition_id} at stage {self.stage}")
+        return call_next(msg, context)
