@@ -107,3 +107,33 @@ def test_node_config_client_rank_is_declared_and_uploaded(tmp_path):
     for name, layer in server.layers.items():
         assert upload[f"lora/{name}/B"].shape == (layer.out_features, 2)
         assert upload[f"lora/{name}/A"].shape == (2, layer.in_features)
+
+
+def test_worker_of_another_run_config_is_replaced_not_reused(tmp_path):
+    """A run that failed leaves its worker up (until worker-idle-timeout); the next run on the node, with
+    another run config, must get a worker built from its own config, not the old run's trainer."""
+    import os
+    import time
+
+    from fedsmooth_hf.flower.worker import call_worker, socket_path
+
+    make_tiny_llama().save_pretrained(tmp_path / "model")
+    config = {"model-path": str(tmp_path / "model"), "num-clients": 2, "trainer-output-dir": str(tmp_path / "out")}
+    state = tmp_path / "client"
+    spec = {"builder": "flower_task:build_trainer", "client": 1, "state_dir": str(state), "config": config,
+            "idle_timeout": 300}
+    ready, _ = call_worker(spec, ("ready", {"run_token": "run-1"}, {}))
+    assert ready["num_examples"] == 32
+    first_pid = (state / "worker.pid").read_text()
+    again, _ = call_worker(spec, ("ready", {"run_token": "run-1"}, {}))  # same run: the same worker answers
+    assert again["num_examples"] == 32 and (state / "worker.pid").read_text() == first_pid
+    other = {**spec, "config": {**config, "num-examples": 96}}
+    ready, _ = call_worker(other, ("ready", {"run_token": "run-2"}, {}))
+    assert ready["num_examples"] == 48  # the new run's data, from a new worker
+    assert (state / "worker.pid").read_text() != first_pid
+    assert (state / "worker.log").read_text().count("[fedsmooth worker]") == 2
+    call_worker(other, ("shutdown",))
+    deadline = time.monotonic() + 30
+    while os.path.exists(socket_path(state)):  # the worker removes its socket as it exits
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
