@@ -13,7 +13,9 @@ The loop talks to the trainer only through its public methods and steers like
 ``transformers.Trainer``: round events receive a :class:`~transformers.TrainerControl`
 and may return it; ``should_evaluate``/``should_save`` (set by the schedule,
 :class:`~fedsmooth_hf.engine.callbacks.FederatedFlowCallback`, or any callback) are read
-after the round's merge, ``should_training_stop`` after its ``on_round_end``.
+after the round's merge, ``should_training_stop`` after its ``on_round_end``. A Ctrl-C while the loop
+runs in one process ends it within one training step and before the round's aggregation, and says
+which checkpoint resumes it (:mod:`.interrupt`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The exported merged model and the exported adapter reproduce the federated global model."""
 
+import pytest
 import torch
 from peft import PeftModel
 from support.tiny import make_counting_dataset, make_tiny_llama, make_tiny_vit
@@ -64,6 +65,9 @@ def test_saved_vit_with_trained_head_reloads(tmp_path):
     assert not torch.equal(reloaded.classifier.weight, head_before), "the averaged trained head must be exported"
 
 
+# plain peft loads the exported config and warns about the fields it does not know (FederatedLoraConfig's:
+# the method's options, the run's init); that it loads them is what the test checks, the warning is peft's
+@pytest.mark.filterwarnings("ignore:Unexpected keyword arguments:UserWarning")
 def test_exported_adapter_reproduces_the_merged_model(tmp_path):
     # FedSmoothLoRA merges rank r per round: 2 rounds x r=4 => the cumulative update has rank <= 8
     fed = FederatedArguments(strategy="fedsmoothlora", num_clients=2, num_rounds=2, local_steps=3, lora_r=4,
