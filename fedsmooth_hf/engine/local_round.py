@@ -33,6 +33,7 @@ from ..model.adapter import ADAPTER, apply_client_start, clear_offsets, get_lora
 from ..model.client_rank import RankMask
 from ..model.gradients import estimate_gradient_subspaces
 from ..model.merge import first_non_finite
+from ..model.offsets import zero_adapters_bypassed
 from ..model.proximal import ProximalTerm, proximal_loss
 from .result import ClientResult, ClientTrainingError
 
@@ -212,17 +213,22 @@ def calibration_batches(trainer, client: int, seed: int):
 
 def estimate_client_gradients(trainer, client: int, seed: int, point) -> dict:
     """dL/dW of every adapted layer at the global model shifted by ``s * point`` (if any),
-    as the per-layer estimates the strategy asked for (``strategy.gradient_request()``)."""
+    as the per-layer estimates the strategy asked for (``strategy.gradient_request()``).
+
+    A global adapter with ``B = 0`` (FedSmoothLoRA keeps none) adds exactly nothing, so the pass
+    skips its matmuls (``zero_adapters_bypassed``): the same values, a cheaper forward and backward."""
     trainer.load_global_adapter()
-    if point is not None:
-        set_offsets(trainer.layers, point, ADAPTER)
     reduce_fn = (lambda g: trainer.accelerator.reduce(g, "mean")) if trainer.args.world_size > 1 else None
-    try:
-        return estimate_gradient_subspaces(trainer.model, trainer.layers, calibration_batches(trainer, client, seed),
-                                           loss_fn=lambda m, b: trainer.compute_loss(m, b), reduce_fn=reduce_fn,
-                                           **trainer.strategy.gradient_request())
-    finally:
-        clear_offsets(trainer.layers)
+    with zero_adapters_bypassed(trainer.layers, ADAPTER):
+        if point is not None:
+            set_offsets(trainer.layers, point, ADAPTER)
+        try:
+            return estimate_gradient_subspaces(trainer.model, trainer.layers,
+                                               calibration_batches(trainer, client, seed),
+                                               loss_fn=lambda m, b: trainer.compute_loss(m, b), reduce_fn=reduce_fn,
+                                               **trainer.strategy.gradient_request())
+        finally:
+            clear_offsets(trainer.layers)
 
 
 def run_local_round(trainer, round_idx: int, client: int, learning_rate: float,

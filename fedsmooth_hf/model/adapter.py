@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..math.factors import Factors
-from .offsets import LowRankHook
+from .offsets import offset_hook
 
 __all__ = [
     "ADAPTER",
@@ -193,13 +193,18 @@ _OFFSET_ATTR = "_fedsmooth_offset"
 
 
 def set_offsets(
-    layers: Mapping[str, nn.Module], offsets: Mapping[str, Factors], adapter_name: str = "default"
+    layers: Mapping[str, nn.Module], offsets: Mapping[str, Factors], adapter_name: str = "default",
+    fuse: bool = True,
 ) -> None:
-    """Attach ``s * B_off @ A_off`` to each named layer (replacing any previous offset)."""
+    """Attach ``s * B_off @ A_off`` to each named layer (replacing any previous offset).
+
+    ``fuse``: compute the offset together with the layer's plain LoRA adapter in one pair of
+    matmuls where possible (:func:`~fedsmooth_hf.model.offsets.offset_hook`); the same sum.
+    """
     clear_offsets(layers)
     for name, (B, A) in offsets.items():
         layer = layers[name]
-        setattr(layer, _OFFSET_ATTR, LowRankHook(layer, B, A, lora_scaling(layer, adapter_name)))
+        setattr(layer, _OFFSET_ATTR, offset_hook(layer, B, A, lora_scaling(layer, adapter_name), adapter_name, fuse))
 
 
 def clear_offsets(layers: Mapping[str, nn.Module]) -> None:
