@@ -216,7 +216,7 @@ def restart_supernode(cluster, k: int, timeout: float = 240) -> int:
     online (two missed heartbeats) it refuses the key (exit 305). Returns the number of refusals."""
     deadline, refused = time.monotonic() + timeout, 0
     while True:
-        name = f"supernode{k}-restart{refused}"
+        name = f"supernode{k}-start{len(list(cluster.root.glob(f'supernode{k}-start*.log')))}"
         node = start_supernode(cluster, name, k)
         while node.poll() is None and "SuperNode ID:" not in cluster.log(name):
             assert time.monotonic() < deadline, cluster.log(name)[-3000:]
@@ -225,19 +225,19 @@ def restart_supernode(cluster, k: int, timeout: float = 240) -> int:
             return refused
         assert "Failed to activate SuperNode" in cluster.log(name), cluster.log(name)[-3000:]
         refused += 1
-        time.sleep(3)
+        time.sleep(1)
 
 
 def test_recipes_app_as_documented_survives_a_killed_supernode_that_resumes(cluster, tmp_path_factory):
     """docs/flower.md's ``flwr run recipes/flower myfed ...`` with each node's own data; SuperNode 1 is
-    SIGKILLed (with its worker: the machine is gone) in round 2 of 2, then restarted with the doc's command."""
+    SIGKILLed (with its worker: the machine is gone) in round 2 of 4, then restarted with the doc's command."""
     root = cluster.root
     if cluster.procs.get("supernode1") is None or cluster.procs["supernode1"].poll() is not None:
         cluster.procs.pop("supernode1", None)  # the kill test took it down: the doc's command brings it back
         restart_supernode(cluster, 1)
     ckpt = save_tiny_llama_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"))
     sizes = (f"--model_name_or_path {ckpt} --output_dir {root / 'recipe_run'} --num_clients 2 --clients_per_round 2 "
-             "--num_rounds 2 --local_steps 1 --max_train_samples 16 --max_eval_samples 4 "
+             "--num_rounds 4 --local_steps 1 --max_train_samples 16 --max_eval_samples 4 "
              "--per_device_train_batch_size 4 "
              "--ga_samples 4 --ga_batch_size 4 --max_length 48 --max_new_tokens 2 --disable_tqdm true")
     merged = root / "recipe_merged"
@@ -245,8 +245,8 @@ def test_recipes_app_as_documented_survives_a_killed_supernode_that_resumes(clus
     line = _localize(doc_deployment()["flwr run"][0], cluster).replace("round-timeout=600", "round-timeout=60")
     line = line.replace("recipes/flower", str(ROOT / "recipes" / "flower"))
     line += f""" --run-config 'recipe-args="{sizes}" output-dir="{merged}"'"""
-    sent = sum(_received_train(cluster, name) for name in cluster.procs if name.startswith("supernode1"))
-    node1 = next(name for name in cluster.procs if name.startswith("supernode1"))
+    node1 = next(n for n, proc in cluster.procs.items() if n.startswith("supernode1") and proc.poll() is None)
+    sent = _received_train(cluster, node1)
     run = cluster._start("recipes_run", ["bash", "-c", "exec " + line])
     deadline = time.monotonic() + 400
     while _received_train(cluster, node1) < sent + 2:  # round 1 answered, round 2 being trained
@@ -264,13 +264,16 @@ def test_recipes_app_as_documented_survives_a_killed_supernode_that_resumes(clus
     assert "skipping round 2, client 1: no reply within round-timeout=60.0 s" in log, log[-4000:]
     history = json.loads((merged / "federated_history.json").read_text())["round_history"]
     rounds = [r for r in history if "clients" in r]
-    assert [r["round"] for r in rounds] == [1, 2] and all(r["clients"] == [0, 1] for r in rounds)
-    assert [list(r["failed_clients"]) for r in rounds] == [[], ["1"]], rounds
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4] and all(r["clients"] == [0, 1] for r in rounds)
+    assert [list(r["failed_clients"]) for r in rounds[:2]] == [[], ["1"]], rounds
     assert list(rounds[1]["client_train_loss"]) == ["0"]
-    # nothing lost: a second process loaded client 1 (from state-dir: round 1 applied), took the update it
-    # missed with the final message and ended on the global model
+    # the SuperLink takes the key back once it counts the dead node offline, which is also when round 2
+    # stops waiting for it: round 3 may be sent before the new SuperNode is up, a later message reaches it
+    assert all(list(r["failed_clients"]) in ([], ["1"]) for r in rounds[2:]), rounds
+    # nothing lost: a second process loaded client 1 (from state-dir: round 1 applied), took the updates it
+    # missed with its next message and ended on the global model
     node = json.loads((state / "node.json").read_text())
-    assert node["loads"] == 2 and node["applied"] == 2, node
+    assert node["loads"] == 2 and node["applied"] == 4, node
     final = history[-1]
     assert final["final_sync"] and final["client_base_weight_sum"] == {"0": final["server_base_weight_sum"],
                                                                        "1": final["server_base_weight_sum"]}
