@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsmooth_hf import FederatedArguments
+from fedsmooth_hf.engine.local_round import unpinned_without_accelerator
 from recipes.common import RecipeBuild, resume_argument, save_and_push
 from recipes.plots import confusion_matrix, plot_accuracy_by_round, plot_confusion_matrix
 
@@ -162,7 +163,8 @@ def train_and_report(trainer, run: RecipeBuild, recipe_args, t0: float, plot_dir
         gc.unfreeze()
     fed_time = time.perf_counter() - t_fed
 
-    output = trainer.predict(eval_ds)
+    with unpinned_without_accelerator(trainer.args):  # no pinned memory without an accelerator (torch warns)
+        output = trainer.predict(eval_ds)
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
     predictions, labels = np.asarray(logits).argmax(-1), np.asarray(output.label_ids)
     accuracy = float((predictions == labels).mean())

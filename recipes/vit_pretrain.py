@@ -19,6 +19,7 @@ from transformers import (
     default_data_collator,
 )
 
+from fedsmooth_hf.engine.local_round import unpinned_without_accelerator
 from recipes.classification import LABEL, compute_accuracy, label_maps
 
 IMAGE_SIZE = 28
@@ -155,9 +156,10 @@ def pretrain_small_vit(va, args: TrainingArguments, main_proc: bool) -> tuple:
             )
             trainer = Trainer(model=model, args=pre_args, train_dataset=train, eval_dataset=holdout,
                               data_collator=RandomAffineCollator(args.seed), compute_metrics=compute_accuracy)
-            out = trainer.train()
-            trainer.data_collator = default_data_collator  # evaluate on the images as they are
-            metrics = trainer.evaluate()
+            with unpinned_without_accelerator(pre_args):  # no pinned memory without an accelerator (torch warns)
+                out = trainer.train()
+                trainer.data_collator = default_data_collator  # evaluate on the images as they are
+                metrics = trainer.evaluate()
             info.update(train_loss=float(out.training_loss), holdout_accuracy=float(metrics["eval_accuracy"]))
             model = trainer.model
             del trainer
