@@ -47,7 +47,9 @@ def summarize(sweep: Sweep, runs: list[dict]) -> list[dict]:
             "reference_final": target, "reached": len(hits), "of": len(group),
             "rounds_to_reference": statistics.mean(k for k, _ in hits) if hits else None,
             "train_s_to_reference": statistics.mean(s for _, s in hits) if hits else None,
-            "wall_s": statistics.mean(r["wall_s"] for r in group),
+            # medians: one run slowed by another job on the machine should not move the figure
+            "wall_s": statistics.median(r["wall_s"] for r in group),
+            "cpu_s": statistics.median(r["cpu_s"] for r in group) if all("cpu_s" in r for r in group) else None,
             "reused_from": sorted({r["reused_from"] for r in group if "reused_from" in r}),
         })
     return rows
@@ -63,7 +65,8 @@ def markdown(sweep: Sweep, rows: list[dict]) -> str:
     columns = ["strategy", "seeds", f"final {sweep.metric.replace('eval_', 'eval ')}"]
     columns += ["final eval loss"] if accuracy else []
     columns += ["ROUGE-L"] if any(r["rouge_l"] for r in rows) else []
-    columns += [f"rounds to {sweep.reference}'s final ({shown})", "training s to it", "s per run"]
+    columns += [f"rounds to {sweep.reference}'s final ({shown})", "training s to it", "s per run (median)"]
+    columns += ["CPU s per run (median)"] if all(r["cpu_s"] is not None for r in rows) else []
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [r["strategy"] + (f" (from {', '.join(r['reused_from'])})" if r["reused_from"] else ""),
@@ -73,6 +76,7 @@ def markdown(sweep: Sweep, rows: list[dict]) -> str:
         cells += [f"{r['rounds_to_reference']:.1f} ({r['reached']}/{r['of']})" if r["reached"]
                   else f"never (0/{r['of']})",
                   f"{r['train_s_to_reference']:.0f}" if r["reached"] else "-", f"{r['wall_s']:.0f}"]
+        cells += [f"{r['cpu_s']:.0f}"] if "CPU s per run (median)" in columns else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
