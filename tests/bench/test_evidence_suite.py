@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the repository root: `benchmarks` is not installed
-from benchmarks.evidence_suite.report import reach, report, summarize  # noqa: E402
+from benchmarks.evidence_suite.report import markdown, reach, report, summarize  # noqa: E402
 from benchmarks.evidence_suite.sweep import Sweep, run_sweep  # noqa: E402
 
 # A stand-in run script: the record's loss curve is 3 - round * step; "crash" fails unless a marker file exists.
@@ -103,3 +103,15 @@ def test_each_scripts_run_at_a_size_of_seconds(script):
         assert 0 <= record["rouge_l"] <= 1 and len(record["examples"]) == 3
     else:
         assert 0 <= record["final_eval_accuracy"] <= 1
+
+
+def test_seconds_per_run_are_medians_so_one_slowed_run_does_not_move_them(tmp_path):
+    sweep = fake_sweep(tmp_path, seeds=3)
+    runs = [{"strategy": "fedit", "seed": s, "eval_loss": [3.0, 2.0], "final_eval_loss": 2.0,
+             "train_wall_s": [0, 10], "wall_s": wall, "cpu_s": cpu}
+            for s, (wall, cpu) in enumerate([(40.0, 70.0), (5000.0, 3000.0), (42.0, 72.0)])]
+    row = summarize(sweep, runs)[0]
+    assert row["wall_s"] == 42.0 and row["cpu_s"] == 72.0
+    assert "| 42 | 72 |" in markdown(sweep, [row])
+    without_cpu = summarize(sweep, [{k: v for k, v in r.items() if k != "cpu_s"} for r in runs])
+    assert without_cpu[0]["cpu_s"] is None and "CPU s" not in markdown(sweep, without_cpu)
