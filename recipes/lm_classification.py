@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
     set_seed,
 )
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from fedsmooth_hf import FederatedArguments, FedSmoothLoRAConfig  # noqa: E402
 from recipes.classification import (  # noqa: E402
@@ -229,6 +231,52 @@ def model_path(la: LmClassificationArguments) -> str:
     return str(smollm2_checkpoint())
 
 
+def unexplained_load_keys(info: dict, base_prefix: str, layers: int) -> list[str]:
+    """The keys of a loading report that a fresh head and a backbone cut to ``layers`` do not explain.
+
+    Explained: the new head's weights (missing, outside the base model ``base_prefix``), the checkpoint's
+    own head (unexpected outside it, e.g. a causal LM's ``lm_head``), the decoder layers from ``layers`` on
+    (unexpected; ``layers`` 0 keeps all) and a head of another size (mismatched). Anything else (a base
+    weight missing, an unknown base key) means the checkpoint is not the architecture it claims.
+    """
+    def in_base(key: str) -> bool:
+        return key.startswith(base_prefix + ".")
+
+    def dropped_layer(key: str) -> bool:
+        match = re.match(rf"{re.escape(base_prefix)}\.layers\.(\d+)\.", key)
+        return bool(match and layers and int(match.group(1)) >= layers)
+
+    odd = [k for k in info["missing_keys"] if in_base(k)]
+    odd += [k for k in info["unexpected_keys"] if in_base(k) and not dropped_layer(k)]
+    mismatched = (k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"])
+    return odd + [k for k in mismatched if in_base(k)]
+
+
+def load_with_new_head(path: str, layers: int, **kwargs) -> AutoModelForSequenceClassification:
+    """The backbone at ``path`` (its first ``layers`` decoder layers; 0: all) with a fresh classification head.
+
+    transformers' load report lists every weight of the left-out layers and the new head as UNEXPECTED or
+    MISSING: a screen of warnings for exactly what this recipe asks for. It is replaced by one line, and
+    any key the head and the cut do not explain is still reported ([`unexplained_load_keys`]).
+    """
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, ignore_mismatched_sizes=True, output_loading_info=True,
+            **({"num_hidden_layers": layers} if layers else {}), **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    odd = unexplained_load_keys(info, model.base_model_prefix, layers)
+    if odd:
+        warnings.warn(f"{path}: {len(odd)} weights neither a new head nor left-out layers explain, e.g. "
+                      f"{odd[:3]}: is this checkpoint the architecture its config names?", stacklevel=2)
+    head = sorted({k.split(".")[0] for k in info["missing_keys"] if k not in odd})
+    cut = f"; decoder layers {layers}+ of the checkpoint left out" if layers and info["unexpected_keys"] else ""
+    print(f"[recipe] new classification head {', '.join(head) or '(none missing)'} initialized{cut}")
+    return model
+
+
 def build(args: TrainingArguments, fed_args: FederatedArguments, method: FedSmoothLoRAConfig | None,
           la: LmClassificationArguments, data: tuple | None = None) -> RecipeBuild:
     """Builds the run: the backbone with a fresh head, the tokenized data, collator and round printer.
@@ -253,10 +301,8 @@ def build(args: TrainingArguments, fed_args: FederatedArguments, method: FedSmoo
     train, evals, names = data
     layers = la.backbone_layers if la.backbone_layers is not None else (
         OFFLINE_BACKBONE_LAYERS if la.model_name_or_path is None else 0)
-    kwargs = {"num_hidden_layers": layers} if layers else {}
     torch.manual_seed(args.seed + 1)  # the fresh head
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(names), **label_maps(names),
-                                                               ignore_mismatched_sizes=True, **kwargs)
+    model = load_with_new_head(path, layers, num_labels=len(names), **label_maps(names))
     model.config.pad_token_id = tokenizer.pad_token_id
     check_modules_to_save(model, fed_args)
     name = la.model_name_or_path or "SmolLM2-135M-Instruct"

@@ -67,13 +67,28 @@ def test_config_file_equals_flags_and_flags_override_it(tmp_path):
     assert (la.categories, la.backbone_layers, method.zeta_mode, method.ga_samples) == ("a,b", 2, "constant", 16)
 
 
-def test_offline_wordnet_data_through_build_is_label_skewed_over_clients(ckpt, tmp_path):
+def test_load_report_explains_only_a_new_head_and_left_out_layers():
+    explained = {"missing_keys": ["score.weight"], "mismatched_keys": [("score.weight", (3, 8), (10, 8))],
+                 "unexpected_keys": ["model.layers.6.mlp.up_proj.weight", "lm_head.weight"]}
+    assert recipe.unexplained_load_keys(explained, "model", layers=6) == []
+    # with all layers kept, a layer the model does not have is a real mismatch, as are base keys missing
+    assert recipe.unexplained_load_keys(explained, "model", layers=0) == ["model.layers.6.mlp.up_proj.weight"]
+    odd = {"missing_keys": ["score.weight", "model.norm.weight"], "unexpected_keys": ["model.layers.3.x.weight"],
+           "mismatched_keys": [("model.embed_tokens.weight", (5, 8), (6, 8))]}
+    assert recipe.unexplained_load_keys(odd, "model", layers=6) == [
+        "model.norm.weight", "model.layers.3.x.weight", "model.embed_tokens.weight"]
+
+
+def test_offline_wordnet_data_through_build_is_label_skewed_over_clients(ckpt, tmp_path, capfd):
     """The offline default's data (WordNet glosses of ten categories) on the tiny model, Dirichlet(0.1) clients."""
     from recipes.offline_assets import load_wordnet_instructions
 
     args, fed, method, la = recipe.parse_args(["--model_name_or_path", str(ckpt), "--output_dir", str(tmp_path / "o"),
                                                "--max_length", "16", "--backbone_layers", "1", "--use_cpu", "true"])
     run = recipe.build(args, fed, method, la)
+    out, err = capfd.readouterr()  # transformers' load report (every left-out key) is one line of ours instead
+    assert "LOAD REPORT" not in err and "UNEXPECTED" not in err
+    assert "[recipe] new classification head score initialized; decoder layers 1+ of the checkpoint left out" in out
     assert isinstance(run, RecipeBuild) and run.task == SEQUENCE_CLASSIFICATION
     assert run.class_names == recipe.OFFLINE_CATEGORIES
     assert run.data_source == "WordNet word + gloss -> 10 lexicographer categories"
