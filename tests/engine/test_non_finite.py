@@ -13,7 +13,7 @@ from support.trainers import tiny_trainer
 
 import fedsmooth_hf.trainer.trainer as trainer_module
 from fedsmooth_hf.engine.callbacks import FederatedCallback
-from fedsmooth_hf.model.merge import merge_into_base
+from fedsmooth_hf.model.merge import all_finite, merge_into_base
 from fedsmooth_hf.trainer import ClientTrainingError
 
 HOOKED_LAYER = "model.layers.0.self_attn.q_proj"
@@ -99,3 +99,27 @@ def test_merge_checks_every_module_before_changing_any(tmp_path):
         merge_into_base(trainer.layers, {names[0]: good, names[1]: bad})
     for n in names:
         assert torch.equal(trainer.layers[n].get_base_layer().weight, before[n]), f"{n} was touched"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_agrees_with_the_elementwise_check(dtype):
+    big = torch.finfo(dtype).max / 2
+    # the second's sum overflows: a false alarm the exact check must overrule
+    weights = [torch.randn(64, 48, dtype=dtype), torch.full((64, 48), big, dtype=dtype)]
+    for value in (float("nan"), float("inf"), float("-inf")):
+        w = torch.randn(64, 48, dtype=dtype)
+        w[3, 5] = value
+        weights.append(w)
+    both = torch.randn(64, 48, dtype=dtype)
+    both[0, 0], both[1, 1] = float("inf"), float("-inf")  # their sum is NaN, not a finite cancellation
+    for w in [*weights, both]:
+        assert all_finite(w) == bool(torch.isfinite(w).all()), (dtype, w.flatten()[:3])
+
+
+def test_a_merge_that_overflows_the_base_names_the_module(tmp_path):
+    trainer = _trainer(tmp_path, num_rounds=1)
+    name = next(iter(trainer.layers))
+    d_out, d_in = trainer.layers[name].get_base_layer().weight.shape
+    huge = (torch.full((d_out, 1), 3e38), torch.full((1, d_in), 3e38))  # finite factors, a product past fp32 max
+    with pytest.raises(FloatingPointError, match=f"base weight of '{name}' became non-finite"):
+        merge_into_base(trainer.layers, {name: huge})
