@@ -223,7 +223,7 @@ def test_ga_samples_larger_than_a_client_uses_all_its_examples(tmp_path, caplog,
     sizes = [12, 40]
     clients = [make_counting_dataset(n, seed=i) for i, n in enumerate(sizes)]
     fed = _fed(strategy="fedsmoothlora", num_clients=2, num_rounds=1, local_steps=1, ga_samples=32, ga_batch_size=8)
-    with caplog.at_level("WARNING", logger="fedsmooth_hf.trainer"):
+    with caplog.at_level("WARNING", logger="fedsmooth_hf"):
         trainer = FederatedTrainer(model=make_tiny_llama(), args=_args(tmp_path), fed_args=fed, client_datasets=clients)
     assert "ga_samples=32 exceeds the size of 1 client(s)" in caplog.text and "client 0: 12" in caplog.text
     seen = {}
