@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from transformers import TrainerControl
 
-from ..math.lowrank import factored_norm
 from .callbacks import ROUND_EVENTS, FederatedCallback, FederatedProgressCallback
 from .executor import ClientExecutor
 from .interrupt import FederationInterrupted, InterruptCallback, resume_command, stop_message
@@ -215,9 +214,7 @@ class RoundEngine:
             "client_first_loss": {str(c): ok[c].first_loss for c in uploads},
             "strategy_overhead_s": float(sum(ok[c].strategy_overhead_s for c in uploads)),
             "local_train_time_s": float(sum(ok[c].train_time_s for c in uploads)),
-            "merge_norm": float(
-                math.sqrt(sum(factored_norm([B], [A]) ** 2 for B, A in update.merge.values()))
-            ) if update.merge else 0.0,
+            "merge_norm": update.merge_norm(),
             "failed_clients": {str(c): r for c, r in failed.items()},
             **self.executor.round_record(),
             **privacy_record,

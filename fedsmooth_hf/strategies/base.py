@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..math.factors import UPLOAD_PREFIX, Factors, ModuleFactors, flatten_factors, unflatten_factors
-from ..math.lowrank import pad_factors, stack_factors, truncate_factors, truncated_svd
+from ..math.lowrank import factored_norm, pad_factors, stack_factors, truncate_factors, truncated_svd
 
 __all__ = ["UPLOAD_PREFIX", "Factors", "ModuleFactors", "StrategyOptionError", "ClientStart", "ServerUpdate",
            "FederatedStrategy", "GlobalAdapterStrategy", "flatten_factors",
@@ -76,6 +76,10 @@ class ServerUpdate:
     merge: ModuleFactors
     global_lora: ModuleFactors | None
     round: int | None = None
+
+    def merge_norm(self) -> float:
+        """``sqrt(sum ||B A||_F^2)`` over the merged modules, from the factors (the round record's size of a merge)."""
+        return math.sqrt(sum(factored_norm([B], [A]) ** 2 for B, A in self.merge.values()))
 
 
 def normalize_weights(weights: Mapping[int, float]) -> dict[int, float]:
