@@ -81,17 +81,22 @@ def build_trainer(strategy: str, clients: int, rank: int, hidden: int, ffn: int,
     """A real ``FederatedTrainer`` on a one-block Llama (LoRA on its seven Linears, the recipes' default).
 
     Args:
-        strategy, clients, rank: the registered strategy name, K and r (alpha = 2 r).
-        hidden, ffn: the block's hidden and MLP sizes; out: the trainer's output folder.
+        strategy, clients, rank, hidden, ffn, out: strategy name, K, r (alpha = 2 r), block sizes, output folder.
     """
-    logging.getLogger("fedsmooth_hf.model.gradients").setLevel(logging.ERROR)  # no GA pass runs: no calibration
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=1,
                          num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128)
     fed = FederatedArguments(strategy=strategy, num_clients=clients, num_rounds=1, local_steps=1, lora_r=rank,
                              lora_alpha=2 * rank, eval_rounds=0)
-    return FederatedTrainer(model=LlamaForCausalLM(config), args=training_args(out, 1), fed_args=fed,
-                            train_dataset=build_data(2 * clients, VOCAB, 8))
+    # 2 examples a client < ga_samples, unused here: that warning is off for this call only (--quick shares a process)
+    calibration_log = logging.getLogger("fedsmooth_hf.model.gradients")
+    level = calibration_log.level
+    calibration_log.setLevel(logging.ERROR)
+    try:
+        return FederatedTrainer(model=LlamaForCausalLM(config), args=training_args(out, 1), fed_args=fed,
+                                train_dataset=build_data(2 * clients, VOCAB, 8))
+    finally:
+        calibration_log.setLevel(level)
 
 
 def round_uploads(trainer, clients: int, rank: int, seed: int):
@@ -197,11 +202,7 @@ def run_cell(spec: dict) -> dict:
 
 
 def cell_in_child(spec: dict) -> dict:
-    """:func:`run_cell` in a fresh interpreter, so one cell's allocations cannot hide another's.
-
-    Args:
-        spec: as for :func:`run_cell`.
-    """
+    """:func:`run_cell` of ``spec`` in a fresh interpreter, so one cell's allocations cannot hide another's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--cell", json.dumps(spec)],
                           capture_output=True, text=True, env=env, check=False)

@@ -7,10 +7,12 @@ measured against what must hold whatever the machine's speed: no timing is compa
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
+import logging
 from pathlib import Path
+
+from support.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "server_scaling.py"
 # RSS of a fresh interpreter varies by a few MiB from run to run (allocator arenas, import order); the
@@ -19,17 +21,17 @@ RSS_NOISE_BYTES = 16 * 2**20
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("benchmarks_server_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "benchmarks_server_scaling")
 
 
 def test_quick_server_scaling(tmp_path):
     bench = _load()
+    calibration_log = logging.getLogger("fedsmooth_hf.model.gradients")
+    level = calibration_log.level
     out_json, out_png = tmp_path / "server_scaling.json", tmp_path / "server_scaling.png"
     returned = bench.main(["--quick", "--repeats", "2", "--out", str(out_json), "--plot", str(out_png)])
     saved = json.loads(out_json.read_text())
+    assert calibration_log.level == level, "the in-process cells leave the caller's logging as it was"
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert saved["summary"] == json.loads(json.dumps(returned["summary"]))
     s = saved["settings"]
