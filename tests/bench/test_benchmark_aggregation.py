@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from support.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "aggregation.py"
 
@@ -15,11 +16,7 @@ MIN_SPEEDUP_LARGER_QUICK_SHAPE = 3.0
 
 
 def _load_benchmark():
-    # Loaded from its path so the test does not depend on the repo root being on sys.path.
-    spec = importlib.util.spec_from_file_location("benchmarks_aggregation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "benchmarks_aggregation")
 
 
 def test_quick_aggregation_benchmark(tmp_path):

@@ -8,13 +8,14 @@ is checked argument by argument, and the worker trains SmolLM2 offline for one s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from support.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the repository root: `benchmarks` is not installed
@@ -71,9 +72,7 @@ def test_smollm2_plan_is_four_clients_of_ten_steps_at_batch_8_by_64_tokens():
 
 
 def test_worker_trains_smollm2_offline_on_padded_wordnet_rows(tmp_path):
-    spec = importlib.util.spec_from_file_location("distributed_worker", WORKER)
-    worker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(worker)
+    worker = load_script(WORKER, "distributed_worker")
     rows = worker.wordnet_rows("eval", 8, 64)
     assert len(rows) == 8 and {len(r) for r in rows["input_ids"]} == {64}
     for mask, labels in zip(rows["attention_mask"], rows["labels"]):

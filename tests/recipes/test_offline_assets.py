@@ -1,7 +1,6 @@
 """Tests for recipes/offline_assets.py and the shipped WordNet JSONL files."""
 
 import gzip
-import importlib.util
 import json
 import logging
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.scripts import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))  # `recipes` is not an installed package
@@ -26,10 +26,7 @@ def _read_jsonl(path):
 
 
 def _load_builder():
-    spec = importlib.util.spec_from_file_location("build_wordnet_instructions", BUILDER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BUILDER, "build_wordnet_instructions")
 
 
 @pytest.mark.parametrize("path", [offline_assets.WORDNET_TRAIN, offline_assets.WORDNET_EVAL])
