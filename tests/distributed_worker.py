@@ -65,11 +65,10 @@ def live_deepspeed_engines() -> int:
 
 # what differs between the two model sizes (the tiny values are the ones the tests were written for)
 SETTINGS = {
-    "tiny": {"lora_r": 4, "learning_rate": 5e-3, "ga_samples": 8, "ga_batch_size": 4, "eval_examples": 16,
-             "save_rounds": 0},
-    "smollm2": {"lora_r": 8, "learning_rate": 5e-4, "ga_samples": 16, "ga_batch_size": 8, "eval_examples": 16,
-                "save_rounds": -1},
+    "tiny": {"lora_r": 4, "learning_rate": 5e-3, "ga_samples": 8, "ga_batch_size": 4, "save_rounds": 0},
+    "smollm2": {"lora_r": 8, "learning_rate": 5e-4, "ga_samples": 16, "ga_batch_size": 8, "save_rounds": -1},
 }
+EVAL_EXAMPLES = 16  # held-out rows, both sizes
 
 
 def wordnet_rows(split: str, n: int, seq_len: int):
@@ -114,13 +113,11 @@ def build(a) -> tuple:
         a (`argparse.Namespace`): The worker's arguments (`model`, `examples`, `seq_len`).
     """
     if a.model == "tiny":
-        n_eval = SETTINGS["tiny"]["eval_examples"]
-        return make_tiny_llama(), make_counting_dataset(a.examples), make_counting_dataset(n_eval, seed=1)
+        return make_tiny_llama(), make_counting_dataset(a.examples), make_counting_dataset(EVAL_EXAMPLES, seed=1)
     from recipes.offline_assets import smollm2_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32)
-    n_eval = SETTINGS["smollm2"]["eval_examples"]
-    return model, wordnet_rows("train", a.examples, a.seq_len), wordnet_rows("eval", n_eval, a.seq_len)
+    return model, wordnet_rows("train", a.examples, a.seq_len), wordnet_rows("eval", EVAL_EXAMPLES, a.seq_len)
 
 
 class RoundRecorder(FederatedCallback):
