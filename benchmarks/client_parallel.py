@@ -192,10 +192,11 @@ def main() -> None:
             print(f"{mode:>16}: {r['mean_round_s']:.2f} s/round (clients {r['client_work_s']:.2f} s, "
                   f"{r['per_client_s']:.2f} s each; outside them {r['outside_clients_s']:.2f} s; "
                   f"eval loss {r['final_eval_loss']:.4f}; run {r['wall_s']:.0f} s)", flush=True)
+    compared = ratios(runs)
     result = {"model": a.model, "processes": a.processes, "clients": a.clients, "local_steps": a.local_steps,
               "rounds": a.rounds, "batch_size": a.batch_size, "seq_len": a.seq_len if a.model == "smollm2" else None,
-              "cores": usable_cores(), "machine": machine(), "runs": runs, **ratios(runs)}
-    print("; ".join(f"{k} = {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in ratios(runs).items()))
+              "cores": usable_cores(), "machine": machine(), "runs": runs, **compared}
+    print("; ".join(f"{k} = {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in compared.items()))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
