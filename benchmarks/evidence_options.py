@@ -34,12 +34,12 @@ CONFIGS = {
     **{f"fedit {opt} lr={lr}": {"strategy": "fedit", "server_optimizer": opt, "server_lr": lr}
        for opt in ("adam", "yogi") for lr in (0.001, 0.01)},
 }
-# one setting of each option on both seeds first, then the rest of the grid
-TIERS = [["fedit prox_mu=0.1", "fedsmoothlora prox_mu=0.1", "fedit avgm lr=1.0", "fedsmoothlora avgm lr=1.0",
-          "fedit adam lr=0.001"],
-         [name for name in CONFIGS if name not in ("fedit", "fedsmoothlora", "fedit prox_mu=0.1",
-                                                   "fedsmoothlora prox_mu=0.1", "fedit avgm lr=1.0",
-                                                   "fedsmoothlora avgm lr=1.0", "fedit adam lr=0.001")]]
+# one setting of each option on both seeds first (adam and yogi at the same server lr), then the rest of the grid
+FIRST = ["fedit prox_mu=0.1", "fedsmoothlora prox_mu=0.1", "fedit avgm lr=1.0", "fedsmoothlora avgm lr=1.0",
+         "fedit adam lr=0.001", "fedit yogi lr=0.001"]
+THEN = ["fedit prox_mu=0.01", "fedsmoothlora prox_mu=0.01", "fedit adam lr=0.01", "fedit yogi lr=0.01",
+        "fedit avgm lr=0.3", "fedsmoothlora avgm lr=0.3"]
+TIERS = [FIRST, THEN]
 SWEEP = Sweep(name="evidence_options", script=__file__, setting=SETTING, configs=CONFIGS, tiers=TIERS, seeds=2,
               reuses={"fedit": ("evidence_nlg", "fedit"), "fedsmoothlora": ("evidence_nlg", "fedsmoothlora")})
 TITLE = "FedProx and server optimizers at 20 local steps (WordNet by category, SmolLM2-135M)"
