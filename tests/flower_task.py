@@ -9,7 +9,13 @@ from __future__ import annotations
 from support.tiny import make_counting_dataset
 from transformers import LlamaForCausalLM, TrainingArguments, set_seed
 
-from fedsmooth_hf import FederatedArguments, FederatedLoraConfig, FederatedTrainer, FedSmoothLoRAConfig
+from fedsmooth_hf import (
+    FederatedArguments,
+    FederatedCallback,
+    FederatedLoraConfig,
+    FederatedTrainer,
+    FedSmoothLoRAConfig,
+)
 
 CONFIG = {
     "strategy": "fedsmoothlora",
@@ -26,7 +32,23 @@ def federated_arguments(config) -> FederatedArguments:
                               num_rounds=int(config["num-rounds"]), local_steps=int(config["local-steps"]),
                               lora_r=4, lora_alpha=8, eval_rounds=int(config.get("eval-rounds", 0)),
                               client_eval_fraction=float(config.get("client-eval-fraction", 0.0)),
-                              client_ranks=[int(r) for r in ranks.split(",") if r])
+                              client_ranks=[int(r) for r in ranks.split(",") if r],
+                              save_rounds=int(config.get("save-rounds", 0)))
+
+
+class ServerCrash(RuntimeError):
+    """The crash a test injects into the server."""
+
+
+class CrashAfterClients(FederatedCallback):
+    """Kills the server's run once every client of round ``at`` has trained, before that round's merge."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_client_end(self, args, state, control, round, client, metrics, **kwargs):
+        if round == self.at:
+            raise ServerCrash(f"injected server crash in round {round}, after the clients trained")
 
 
 def build_trainer(partition_id, config) -> FederatedTrainer:
@@ -39,6 +61,9 @@ def build_trainer(partition_id, config) -> FederatedTrainer:
     fed_args = federated_arguments(config)
     peft_config = FederatedLoraConfig(r=fed_args.lora_r, lora_alpha=fed_args.lora_alpha,
                                       fedsmoothlora_config=FedSmoothLoRAConfig(ga_samples=8, ga_batch_size=8))
-    return FederatedTrainer(model=LlamaForCausalLM.from_pretrained(str(config["model-path"])), args=args,
-                            fed_args=fed_args, peft_config=peft_config,
-                            train_dataset=make_counting_dataset(int(config["num-examples"]), with_category=False))
+    trainer = FederatedTrainer(model=LlamaForCausalLM.from_pretrained(str(config["model-path"])), args=args,
+                               fed_args=fed_args, peft_config=peft_config,
+                               train_dataset=make_counting_dataset(int(config["num-examples"]), with_category=False))
+    if partition_id is None and config.get("crash-in-round"):  # the server only
+        trainer.add_callback(CrashAfterClients(int(config["crash-in-round"])))
+    return trainer

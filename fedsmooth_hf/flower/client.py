@@ -94,13 +94,15 @@ def make_client_app(build_trainer: Callable | str, defaults: Mapping | None = No
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        """Get ready (load the model once, before round 1); say which partition this node holds and the
-        adapter rank it trains (heterogeneous ranks)."""
+        """Get ready (load the model once, before round 1, or go back to a resumed server's round); say which
+        partition this node holds, the adapter rank it trains (heterogeneous ranks) and the updates it holds."""
         metrics, _ = dispatch(context, ("ready", dict(msg.content["config"]), {}))
         info = ConfigRecord({"partition-id": int(context.node_config["partition-id"]),
                              "num-examples": int(metrics["num_examples"]),
                              "base-weight-sum": float(metrics["base_weight_sum"]),
-                             "client-rank": int(metrics["client_rank"])})
+                             "client-rank": int(metrics["client_rank"]),
+                             "applied-updates": int(metrics["applied"]),
+                             "has-initial-adapter": bool(metrics["has_initial_adapter"])})
         return Message(RecordDict({"node": info}), reply_to=msg)
 
     def handle(msg: Message, context: Context) -> Message:

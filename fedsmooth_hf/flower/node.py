@@ -7,6 +7,11 @@ per-client state (FedSmoothLoRA: this client's last upload and the server aggreg
 lives here, in ``state_dir`` (safetensors + JSON), together with every update applied
 so far: a restarted client process reloads the pretrained model, replays the updates
 and continues where it stopped.
+
+When the server checkpoints (``save_rounds > 0``) the node also keeps the strategy states a
+restarted *server* may need: a server resumed from its round-``t`` checkpoint asks each node to go
+back to where it stood after server update ``t`` with no training of round ``t + 1`` or later
+(:meth:`ClientNode.resume_point`), so the resumed run repeats exactly what the crash lost.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ NODE_FILE = "node.json"
 STRATEGY_FILE = "strategy.safetensors"
 INIT_FILE = "init.safetensors"
 UPDATES_DIR = "updates"
+STATES_DIR = "states"
 
 
 def federation_fingerprint(trainer) -> dict:
@@ -76,9 +82,12 @@ class ClientNode:
         run_token: the run this node serves; state of another run in ``state_dir`` is discarded.
         rank: the adapter rank this client trains and uploads (heterogeneous ranks); None: the
             trainer's (``FederatedArguments.client_ranks``, else ``lora_r``).
+        resume_round: the server resumes from its round-``resume_round`` checkpoint: go back to the
+            state saved for it (:meth:`resume_point`); None: go on from the latest state.
     """
 
-    def __init__(self, trainer, client: int, state_dir: str | os.PathLike, run_token: str, rank: int | None = None):
+    def __init__(self, trainer, client: int, state_dir: str | os.PathLike, run_token: str, rank: int | None = None,
+                 resume_round: int | None = None):
         self.trainer = trainer
         self.client = int(client)
         if rank is not None:
@@ -93,17 +102,21 @@ class ClientNode:
         self.loads = 1  # processes that loaded the model for this run: 1 unless a client process restarted
         self.has_initial_adapter = False
         self.held = None  # secure aggregation: (round, this round's ClientResult), summed but never sent
+        self.last_trained = -1  # the last round (0-based) this client trained
+        self.resumable = False  # the server checkpoints (save_rounds > 0): keep the states a resume needs
+        self.snapshots: list[dict] = []  # states a resumed server may need: {"seq", "applied", "last_trained"}
         if self.is_writer:
             (self.state_dir / UPDATES_DIR).mkdir(parents=True, exist_ok=True)
-        self._restore()
+        self._restore(resume_round)
 
     @property
     def num_examples(self) -> int:
         return len(self.trainer.client_dataset(self.client))
 
     # ------------------------------------------------------------------ persistence
-    def _restore(self) -> None:
-        """Reload a previous process's state: replay the applied updates, then the strategy state."""
+    def _restore(self, resume_round: int | None) -> None:
+        """Reload a previous process's state: replay the applied updates, then the strategy state (the
+        latest, or the one :meth:`resume_point` picks for a server resumed at ``resume_round``)."""
         path = self.state_dir / NODE_FILE
         if not path.is_file():
             return
@@ -120,16 +133,74 @@ class ClientNode:
         from safetensors.numpy import load_file as load_arrays
         from safetensors.torch import load_file as load_tensors
 
+        applied, state_file = int(saved["applied"]), self.state_dir / STRATEGY_FILE
+        self.last_trained = int(saved.get("last_trained", applied))  # unrecorded: it may have trained at `applied`
+        self.snapshots = list(saved.get("snapshots", []))
+        rewound = resume_round is not None and (applied > resume_round or self.last_trained >= resume_round)
+        if rewound:
+            point = self.resume_point(resume_round)
+            applied, state_file = point["applied"], self._snapshot_path(point["seq"])
+            self.last_trained = point["last_trained"]
+            if self.is_writer:
+                for later in self.snapshots[self.snapshots.index(point) + 1:]:
+                    self._snapshot_path(later["seq"]).unlink(missing_ok=True)
+            self.snapshots = self.snapshots[:self.snapshots.index(point) + 1]
         self._adopt_initial_adapter(load_arrays(str(self.state_dir / INIT_FILE)))
-        for k in range(int(saved["applied"])):
+        for k in range(applied):
             update, extras = arrays_to_update(
                 k, load_arrays(str(self.state_dir / UPDATES_DIR / f"update-{k}.safetensors")))
             self.trainer.apply_server_update(update, extras)
-        self.trainer.strategy.load_state_dict(load_tensors(str(self.state_dir / STRATEGY_FILE)))
+        self.trainer.strategy.load_state_dict(load_tensors(str(state_file)))
         self.trainer.load_global_adapter()
-        self.applied = int(saved["applied"])
+        self.applied = applied
         self.loads = int(saved.get("loads", 0)) + 1
         logger.info("client %d: restored %d applied updates from %s", self.client, self.applied, self.state_dir)
+        if rewound:
+            logger.info("client %d: back to server update %d for a server resumed after round %d",
+                        self.client, applied, resume_round)
+            if self.is_writer:  # the resumed server sends these again, recomputed
+                for old in (self.state_dir / UPDATES_DIR).glob("update-*.safetensors"):
+                    if int(old.stem.split("-")[1]) >= applied:
+                        old.unlink()
+            self._persist()
+
+    def resume_point(self, resume_round: int) -> dict:
+        """The latest kept state from before the server's update ``resume_round`` and before this client's
+        training of round ``resume_round + 1``: what a server resumed from ``round-<resume_round>`` left it at.
+
+        Raises:
+            RuntimeError: no such state was kept (the run did not checkpoint, or it was pruned).
+        """
+        valid = [s for s in self.snapshots if s["applied"] <= resume_round and s["last_trained"] < resume_round]
+        if not valid:
+            raise RuntimeError(
+                f"client {self.client} went past round {resume_round} and kept no earlier state in "
+                f"{self.state_dir}: the server can resume only from a checkpoint written while save_rounds > 0")
+        return valid[-1]
+
+    def _snapshot_path(self, seq: int) -> Path:
+        return self.state_dir / STATES_DIR / f"state-{seq}.safetensors"
+
+    def _snapshot(self) -> None:
+        """Keep the current strategy state for a resumed server (runs that checkpoint only)."""
+        if not (self.resumable and self.is_writer):
+            return
+        from safetensors.torch import save_file
+
+        seq = self.snapshots[-1]["seq"] + 1 if self.snapshots else 0
+        path = self._snapshot_path(seq)
+        path.parent.mkdir(exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.trainer.strategy.state_dict().items()}, str(path))
+        self.snapshots.append({"seq": seq, "applied": self.applied, "last_trained": self.last_trained})
+
+    def _prune(self, checkpointed: int) -> None:
+        """Drop the states no resume can need: those before the resume point of the server's newest checkpoint."""
+        if not self.snapshots or not self.is_writer:
+            return
+        keep = self.snapshots.index(self.resume_point(checkpointed)) if checkpointed else 0
+        for old in self.snapshots[:keep]:
+            self._snapshot_path(old["seq"]).unlink(missing_ok=True)
+        self.snapshots = self.snapshots[keep:]
 
     def _persist(self) -> None:
         if not self.is_writer:
@@ -141,7 +212,8 @@ class ClientNode:
         os.replace(tmp, self.state_dir / STRATEGY_FILE)
         _save_json(self.state_dir / NODE_FILE, {
             "client": self.client, "applied": self.applied, "run_token": self.run_token, "loads": self.loads,
-            "fingerprint": federation_fingerprint(self.trainer)})
+            "fingerprint": federation_fingerprint(self.trainer), "last_trained": self.last_trained,
+            "snapshots": self.snapshots})
 
     def _adopt_initial_adapter(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Start from the server's initial LoRA factors: PEFT draws them at random in every process."""
@@ -174,11 +246,13 @@ class ClientNode:
         if str(config["run_token"]) != self.run_token:
             raise RuntimeError(
                 f"client {self.client} serves run {self.run_token}, got a message of run {config['run_token']}")
+        self.resumable = bool(config.get("resumable", False))
         init = {k: v for k, v in arrays.items() if k.startswith("init/")}
         if init and self.applied == 0 and not self.has_initial_adapter:
             self._adopt_initial_adapter(init)
             if self.is_writer:
                 _save_arrays(self.state_dir / INIT_FILE, init)
+            self._snapshot()
         if not self.has_initial_adapter:
             raise RuntimeError(f"client {self.client} never received the server's initial adapter")
         first, count = int(config["first_update"]), int(config["num_updates"])
@@ -187,6 +261,7 @@ class ClientNode:
                 f"client {self.client} has applied {self.applied} server updates but was sent updates "
                 f"{first}..{first + count - 1}: updates {self.applied}..{first - 1} are missing"
             )
+        before = self.applied
         for k in range(max(first, self.applied), first + count):
             update, extras = arrays_to_update(k, arrays)
             self.trainer.apply_server_update(update, extras)
@@ -194,6 +269,8 @@ class ClientNode:
                 _save_arrays(self.state_dir / UPDATES_DIR / f"update-{k}.safetensors",
                              {key: v for key, v in arrays.items() if key.startswith(f"u{k}/")})
             self.applied = k + 1
+        if self.applied > before:
+            self._snapshot()
         metrics: dict = {"applied_updates": self.applied, "base_weight_sum": base_weight_sum(self.trainer)}
         upload: dict[str, np.ndarray] = {}
         if config["action"] in ("train", "evaluate"):
@@ -212,6 +289,10 @@ class ClientNode:
                 upload = upload_to_arrays(self.trainer.strategy, self.client, result.upload)
                 upload.update(tensors_to_arrays("extra", result.extras))
             metrics.update(result.figures())
+            self.last_trained = round_idx
+            self._snapshot()
+        if self.resumable:
+            self._prune(int(config.get("checkpointed", 0)))
         self._persist()
         return metrics, upload
 
@@ -244,17 +325,21 @@ class NodeCache:
     def __init__(self):
         self._nodes: dict[str, ClientNode] = {}
 
-    def get(self, build_trainer, client: int, config: Mapping, state_dir, run_token: str) -> ClientNode:
+    def get(self, build_trainer, client: int, config: Mapping, state_dir, run_token: str,
+            resume_round: int | None = None) -> ClientNode:
+        """This process's node of ``state_dir`` for ``run_token``; a ``resume_round`` always reloads it from disk."""
         key = str(Path(state_dir).resolve())
         node = self._nodes.get(key)
-        if node is not None and node.run_token == str(run_token) and node.client == int(client):
+        if (node is not None and node.run_token == str(run_token) and node.client == int(client)
+                and resume_round is None):
             return node
         if node is not None:  # another run: free the old model before loading the pretrained one again
             del self._nodes[key], node
             gc.collect()
         trainer = build_trainer(int(client), dict(config))
         rank = config.get("client-rank")
-        node = ClientNode(trainer, int(client), state_dir, str(run_token), None if rank in (None, "") else int(rank))
+        node = ClientNode(trainer, int(client), state_dir, str(run_token), None if rank in (None, "") else int(rank),
+                          resume_round=resume_round)
         self._nodes[key] = node
         return node
 
@@ -263,10 +348,13 @@ class NodeCache:
         """One request of the ClientApp: ``("ready", config, {})``, ``("handle", config, arrays)`` or
         ``("secure", config, [arrays])`` (a secure sum's vector)."""
         action, message_config, arrays = request
-        node = self.get(build_trainer, client, config, state_dir, message_config["run_token"])
+        resume = message_config.get("resume-round") if action == "ready" else None
+        node = self.get(build_trainer, client, config, state_dir, message_config["run_token"],
+                        None if resume is None else int(resume))
         if action == "ready":
             return {"num_examples": node.num_examples, "base_weight_sum": base_weight_sum(node.trainer),
-                    "client_rank": node.trainer.strategy.client_rank(node.client)}, {}
+                    "client_rank": node.trainer.strategy.client_rank(node.client), "applied": node.applied,
+                    "has_initial_adapter": node.has_initial_adapter}, {}
         if action == "secure":
             return node.secure_vector(message_config, arrays)
         return node.handle(message_config, arrays)

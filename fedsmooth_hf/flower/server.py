@@ -8,14 +8,15 @@ executor sends each sampled client the server updates it has not applied yet and
 collects its upload; the clients apply the merged update next time they are contacted. Only factors and small
 metadata cross the wire; the bytes of every upload are recorded in the round history. With
 ``secure-aggregation = true`` the uploads stay on the clients and the aggregate comes from Flower's
-SecAgg+ sums (:mod:`.secure_round`).
+SecAgg+ sums (:mod:`.secure_round`). A ServerApp that crashed resumes from its last ``round-<k>`` checkpoint
+(run config ``resume-from-checkpoint``): it speaks under the crashed run's token and the clients go back
+to where that round left them (:mod:`.server_log`, :meth:`.node.ClientNode.resume_point`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -24,7 +25,9 @@ from flwr.serverapp import Grid, ServerApp
 from ..engine.client_eval import report_client_metrics
 from ..engine.executor import ClientExecutor, ClientTrainingError
 from ..math.factors import UPLOAD_PREFIX
+from .roster import FederationError, partition_map, wait_for_nodes
 from .secure_sum import SecureAggregationOptions
+from .server_log import ServerLog
 from .wire import (
     factors_to_arrays,
     raw_bytes,
@@ -40,56 +43,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["make_server_app", "run_federation", "FlowerExecutor", "FederationError"]
 
 
-class FederationError(RuntimeError):
-    """The federation cannot go on (too few SuperNodes, too few uploads in a round)."""
-
-
 def _option(config: Mapping, key: str, default):
     value = config.get(key, default)
     return type(default)(value) if default is not None else value
-
-
-def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= wanted:
-            return nodes
-        if time.monotonic() > deadline:
-            raise FederationError(
-                f"only {len(nodes)} SuperNode(s) connected within {timeout:.0f} s, min-available-nodes={wanted}"
-            )
-        time.sleep(0.5)
-
-
-def _partition_map(grid: Grid, nodes: list[int], timeout: float | None, run_token: str,
-                   base_sum: float) -> tuple[dict[int, int], dict[int, int]]:
-    """partition-id -> node id and partition-id -> declared adapter rank, asked of every connected
-    node; each loads its model before it answers.
-
-    A node whose base model differs from the server's (another checkpoint, another
-    pretraining) would train on weights the server never merges into: it is refused.
-    """
-    ready = RecordDict({"config": ConfigRecord({"run_token": run_token})})
-    msgs = [Message(ready, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-    mapping: dict[int, int] = {}
-    ranks: dict[int, int] = {}
-    for reply in grid.send_and_receive(msgs, timeout=timeout):
-        if reply.has_error():
-            logger.warning("node %s did not say its partition-id: %s", reply.metadata.src_node_id, reply.error.reason)
-            continue
-        pid = int(reply.content["node"]["partition-id"])
-        theirs = float(reply.content["node"]["base-weight-sum"])
-        if not math.isclose(theirs, base_sum, rel_tol=1e-9, abs_tol=1e-9):
-            raise FederationError(
-                f"the SuperNode with partition-id={pid} loaded a different base model than the server "
-                f"(weight checksum {theirs!r} vs {base_sum!r}): every node must start from the same checkpoint"
-            )
-        if pid in mapping:
-            raise FederationError(f"two SuperNodes claim partition-id={pid}: every client needs its own")
-        mapping[pid] = reply.metadata.src_node_id
-        ranks[pid] = int(reply.content["node"]["client-rank"])
-    return mapping, ranks
 
 
 def _too_few(round_idx, got, clients, needed, fraction, failed, what="returned an upload"):
@@ -130,13 +86,26 @@ class FlowerExecutor(ClientExecutor):
     def start(self, engine, start_round: int) -> None:
         from .node import base_weight_sum, federation_fingerprint
 
-        if start_round:
-            raise FederationError("a Flower federation cannot resume from a checkpoint: its clients hold state")
         trainer, config = self.trainer, self.config
-        nodes = _wait_for_nodes(self.grid, _option(config, "min-available-nodes", trainer.fed_args.num_clients),
+        self.fingerprint = {f"fp-{k}": v for k, v in federation_fingerprint(trainer).items()}
+        self.log = ServerLog(f"{trainer.args.output_dir}/flower-server", self.fingerprint)
+        if start_round:  # a crashed ServerApp's run goes on: its token, its updates (the clients keyed by them)
+            try:
+                self.run_token, self.update_log = self.log.resume(start_round)
+            except (OSError, ValueError) as err:
+                raise FederationError(f"cannot resume the federation after round {start_round}: {err}") from err
+        else:
+            self.log.start(self.run_token)
+        self.checkpointed = start_round
+        nodes = wait_for_nodes(self.grid, _option(config, "min-available-nodes", trainer.fed_args.num_clients),
                                 _option(config, "wait-for-nodes-timeout", 300.0))
-        self.partitions, declared = _partition_map(self.grid, nodes, _option(config, "query-timeout", 900.0),
-                                                   self.run_token, base_weight_sum(trainer))
+        self.partitions, declared, held = partition_map(
+            self.grid, nodes, _option(config, "query-timeout", 900.0), self.run_token, base_weight_sum(trainer),
+            start_round)
+        for pid, node in self.partitions.items():  # a resumed run's nodes hold some updates already
+            self.synced[node] = int(held[pid]["applied-updates"])
+            if held[pid]["has-initial-adapter"]:
+                self.initialized.add(node)
         # heterogeneous ranks: each node trains the rank it declares; the server's strategy follows it
         strategy = trainer.strategy
         ranks = {c: strategy.client_rank(c) for c in range(trainer.fed_args.num_clients)}
@@ -147,7 +116,6 @@ class FlowerExecutor(ClientExecutor):
         logger.info("federation: partitions %s on %d SuperNodes", sorted(self.partitions), len(nodes))
         if self.secure.enabled:
             self.install_secure_release()
-        self.fingerprint = {f"fp-{k}": v for k, v in federation_fingerprint(trainer).items()}
         self.full_model = model_bytes(trainer)
         self.initial_adapter = factors_to_arrays("init", trainer.strategy.init_lora)
 
@@ -196,12 +164,15 @@ class FlowerExecutor(ClientExecutor):
             arrays.update(self.update_log[k])
         cfg = {"action": action, "round": round_idx, "first_update": first,
                "num_updates": len(self.update_log) - first, "run_token": self.run_token, "finish": finish,
-               "secure": self.secure.enabled, **self.fingerprint}
+               "secure": self.secure.enabled, "resumable": self.trainer.fed_args.save_rounds > 0,
+               "checkpointed": self.checkpointed, **self.fingerprint}
         content = RecordDict({"config": ConfigRecord(cfg), "updates": to_record(arrays)})
         return Message(content, dst_node_id=node, message_type=message_type, group_id=str(round_idx + 1))
 
     def run(self, engine, round_idx, clients, learning_rate):
         number, partitions = round_idx + 1, self.partitions
+        if engine.saved is not None:  # the clients may drop the states no resume from before it needs
+            self.checkpointed = int(engine.saved.name.split("-")[1])
         failed: dict[int, str] = {}
         msgs, download = [], {}
         needed = math.ceil(self.min_fit_fraction * len(clients))
@@ -319,6 +290,7 @@ class FlowerExecutor(ClientExecutor):
 
     def server_update(self, round_idx: int, update, extras) -> None:
         self.update_log.append(update_to_arrays(round_idx, update, extras))
+        self.log.append(round_idx, self.update_log[-1])
 
     def finish(self) -> None:
         """Bring every client to the final global model (and let their workers exit)."""
@@ -339,10 +311,12 @@ class FlowerExecutor(ClientExecutor):
 
 def run_federation(grid: Grid, trainer, config: Mapping, run_token: str) -> list[dict]:
     """The federation: the trainer's round loop with a :class:`FlowerExecutor`; returns the round history
-    (also written next to the saved model)."""
+    (also written next to the saved model). Run config ``resume-from-checkpoint``: ``"latest"`` (the newest
+    ``round-<k>`` in the trainer's ``output_dir``) or a checkpoint path resumes a crashed ServerApp's run."""
     executor = FlowerExecutor(grid, trainer, config, run_token)
+    resume = str(config.get("resume-from-checkpoint", "") or "")
     try:
-        trainer.train(executor=executor)
+        trainer.train(executor=executor, resume_from_checkpoint=True if resume == "latest" else resume or None)
     finally:
         executor.restore_release()
     return trainer.round_history
@@ -360,7 +334,9 @@ def make_server_app(build_trainer: Callable | str, defaults: Mapping | None = No
     ``query-timeout`` (s, for the SuperNodes to load their model and say their partition-id,
     default 900), ``output-dir``
     (where the merged model and ``federated_history.json`` go; default the trainer's
-    ``output_dir``), and ``secure-aggregation`` with its ``secure-aggregation-*`` keys (the server sees only
+    ``output_dir``), ``resume-from-checkpoint`` (``"latest"`` or a ``round-<k>`` path: go on after a server
+    crash; the trainer must checkpoint, ``save_rounds > 0``), and ``secure-aggregation`` with its
+    ``secure-aggregation-*`` keys (the server sees only
     SecAgg+ sums: :class:`~fedsmooth_hf.flower.secure_sum.SecureAggregationOptions`, docs/flower.md).
     ``on_finish(trainer)`` is called at the end (tests, notebooks).
     """
