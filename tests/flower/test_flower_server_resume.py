@@ -1,4 +1,8 @@
-"""A crashed Flower ServerApp resumes from its last checkpoint and ends on the uninterrupted run's weights."""
+"""A crashed Flower ServerApp resumes from its last checkpoint and ends on the uninterrupted run's weights.
+
+docs/flower.md's resume command (``flwr run ... --run-config 'resume-from-checkpoint="latest"'``) sets
+one run-config key; the simulated federation below sets the same key on the same ServerApp.
+"""
 
 import json
 import os
