@@ -171,12 +171,17 @@ class ClientNode:
         Raises:
             RuntimeError: no such state was kept (the run did not checkpoint, or it was pruned).
         """
-        valid = [s for s in self.snapshots if s["applied"] <= resume_round and s["last_trained"] < resume_round]
+        valid = self._kept_before(resume_round)
         if not valid:
             raise RuntimeError(
                 f"client {self.client} went past round {resume_round} and kept no earlier state in "
                 f"{self.state_dir}: the server can resume only from a checkpoint written while save_rounds > 0")
-        return valid[-1]
+        return self.snapshots[valid[-1]]
+
+    def _kept_before(self, resume_round: int) -> list[int]:
+        """Indices of the kept states a server resumed after round ``resume_round`` may go back to."""
+        return [i for i, s in enumerate(self.snapshots)
+                if s["applied"] <= resume_round and s["last_trained"] < resume_round]
 
     def _snapshot_path(self, seq: int) -> Path:
         return self.state_dir / STATES_DIR / f"state-{seq}.safetensors"
@@ -195,9 +200,10 @@ class ClientNode:
 
     def _prune(self, checkpointed: int) -> None:
         """Drop the states no resume can need: those before the resume point of the server's newest checkpoint."""
-        if not self.snapshots or not self.is_writer:
+        valid = self._kept_before(checkpointed)
+        if not (valid and self.is_writer):
             return
-        keep = self.snapshots.index(self.resume_point(checkpointed)) if checkpointed else 0
+        keep = valid[-1]
         for old in self.snapshots[:keep]:
             self._snapshot_path(old["seq"]).unlink(missing_ok=True)
         self.snapshots = self.snapshots[keep:]
