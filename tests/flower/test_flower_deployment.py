@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +279,33 @@ def test_recipes_app_as_documented_survives_a_killed_supernode_that_resumes(clus
     assert final["final_sync"] and final["client_base_weight_sum"] == {"0": final["server_base_weight_sum"],
                                                                        "1": final["server_base_weight_sum"]}
     assert (merged / "model.safetensors").is_file()
+
+
+def test_server_that_dies_resumes_from_its_checkpoint_on_the_same_supernodes(cluster, tmp_path):
+    """The ServerApp fails in round 3 of 3 after both clients trained it; ``flwr run`` again with
+    ``resume-from-checkpoint = "latest"`` (docs/flower.md) goes on from round-2 on the same SuperNodes, whose
+    workers and state dirs outlived the first run, and ends on the uninterrupted in-process run's weights."""
+    if cluster.procs.get("supernode1") is None or cluster.procs["supernode1"].poll() is not None:
+        cluster.procs.pop("supernode1", None)
+        restart_supernode(cluster, 1)
+    config = _app_config(cluster, "server_crash", **{"num-rounds": 3, "save-rounds": 1})
+    crashed = _run(cluster, "server_crash", {**config, "crash-in-round": 3})
+    crashed.wait(timeout=600)
+    assert "injected server crash in round 3" in cluster.log("server_crash"), cluster.log("server_crash")[-3000:]
+    server = Path(config["trainer-output-dir"])
+    assert sorted(p.name for p in server.glob("round-*")) == ["round-1", "round-2"]
+    for i in range(2):  # both clients had trained round 3 before the server died
+        assert json.loads((cluster.root / "clients" / f"partition-{i}" / "node.json").read_text())["last_trained"] == 2
+
+    resumed = _run(cluster, "server_resumed", {**config, "resume-from-checkpoint": "latest"})
+    assert resumed.wait(timeout=600) == 0, cluster.log("server_resumed")[-3000:]
+    history = _history(config)
+    assert [r["round"] for r in history if "clients" in r] == [1, 2, 3]
+    reference = build_trainer(None, {**config, "trainer-output-dir": str(tmp_path / "reference")})
+    reference.train()
+    got = load_file(os.path.join(config["output-dir"], "model.safetensors"))
+    for name, value in reference.merged_state_dict().items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+    final = history[-1]
+    assert final["client_base_weight_sum"] == {"0": final["server_base_weight_sum"],
+                                               "1": final["server_base_weight_sum"]}
