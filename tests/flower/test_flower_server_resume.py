@@ -13,20 +13,12 @@ import numpy as np
 import pytest
 import torch
 from flower_task import ServerCrash, build_trainer
-from support.tiny import make_tiny_llama
 
 from fedsmooth_hf.flower.node import ClientNode, federation_fingerprint
 from fedsmooth_hf.flower.server_log import ServerLog
 from fedsmooth_hf.flower.wire import arrays_to_factors, factors_to_arrays, update_to_arrays
 
 TESTS = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    make_tiny_llama().save_pretrained(path)
-    return path
 
 
 def test_node_goes_back_to_where_a_resumed_server_left_it(tmp_path, model_dir):

@@ -9,19 +9,11 @@ import pytest
 import torch
 from flower_task import build_trainer
 from flwr.simulation import run_simulation
-from support.tiny import make_tiny_llama
 from transformers import LlamaForCausalLM
 
 from fedsmooth_hf.flower import make_client_app, make_server_app
 
 TESTS = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    make_tiny_llama().save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("strategy", ["fedsmoothlora", "fedit", "ffa_lora"])
