@@ -89,12 +89,13 @@ class FlowerExecutor(ClientExecutor):
         trainer, config = self.trainer, self.config
         self.fingerprint = {f"fp-{k}": v for k, v in federation_fingerprint(trainer).items()}
         self.log = ServerLog(f"{trainer.args.output_dir}/flower-server", self.fingerprint)
+        self.resumable = trainer.fed_args.save_rounds > 0  # only a run that checkpoints can resume
         if start_round:  # a crashed ServerApp's run goes on: its token, its updates (the clients keyed by them)
             try:
                 self.run_token, self.update_log = self.log.resume(start_round)
             except (OSError, ValueError) as err:
                 raise FederationError(f"cannot resume the federation after round {start_round}: {err}") from err
-        else:
+        elif self.resumable:
             self.log.start(self.run_token)
         self.checkpointed = start_round
         nodes = wait_for_nodes(self.grid, _option(config, "min-available-nodes", trainer.fed_args.num_clients),
@@ -164,7 +165,7 @@ class FlowerExecutor(ClientExecutor):
             arrays.update(self.update_log[k])
         cfg = {"action": action, "round": round_idx, "first_update": first,
                "num_updates": len(self.update_log) - first, "run_token": self.run_token, "finish": finish,
-               "secure": self.secure.enabled, "resumable": self.trainer.fed_args.save_rounds > 0,
+               "secure": self.secure.enabled, "resumable": self.resumable,
                "checkpointed": self.checkpointed, **self.fingerprint}
         content = RecordDict({"config": ConfigRecord(cfg), "updates": to_record(arrays)})
         return Message(content, dst_node_id=node, message_type=message_type, group_id=str(round_idx + 1))
@@ -290,7 +291,8 @@ class FlowerExecutor(ClientExecutor):
 
     def server_update(self, round_idx: int, update, extras) -> None:
         self.update_log.append(update_to_arrays(round_idx, update, extras))
-        self.log.append(round_idx, self.update_log[-1])
+        if self.resumable:
+            self.log.append(round_idx, self.update_log[-1])
 
     def finish(self) -> None:
         """Bring every client to the final global model (and let their workers exit)."""

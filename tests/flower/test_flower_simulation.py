@@ -68,6 +68,9 @@ def test_simulation_matches_in_process_trainer(tmp_path, model_dir, strategy, mo
     for c in range(4):
         node = json.loads((tmp_path / "clients" / f"partition-{c}" / "node.json").read_text())
         assert node["loads"] == 1 and node["applied"] == 3
+        # a run that does not checkpoint cannot resume: nobody keeps states or updates for it
+        assert node["snapshots"] == [] and not (tmp_path / "clients" / f"partition-{c}" / "states").exists()
+    assert not (tmp_path / "server" / "flower-server").exists()
     # FedSmoothLoRA's per-client state lives with the client, on disk
     if strategy == "fedsmoothlora":
         from safetensors.torch import load_file
