@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .node import _save_arrays, _save_json
+
 __all__ = ["ServerLog"]
 
 RUN_FILE = "run.json"
@@ -41,7 +43,7 @@ class ServerLog:
         updates.mkdir(parents=True, exist_ok=True)
         for old in updates.glob("update-*.safetensors"):
             old.unlink()
-        self._write_json({"run_token": run_token, "fingerprint": self.fingerprint})
+        _save_json(self.root / RUN_FILE, {"run_token": run_token, "fingerprint": self.fingerprint})
 
     def resume(self, rounds: int) -> tuple[str, list[dict[str, np.ndarray]]]:
         """The run token and the first ``rounds`` server updates of the federation being resumed.
@@ -72,15 +74,4 @@ class ServerLog:
 
     def append(self, index: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Keep server update ``index`` (0-based: the update of round ``index + 1``)."""
-        from safetensors.numpy import save_file
-
-        path = self.root / UPDATES_DIR / f"update-{index}.safetensors"
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        os.replace(tmp, path)
-
-    def _write_json(self, value: dict) -> None:
-        path = self.root / RUN_FILE
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(value, indent=1))
-        os.replace(tmp, path)
+        _save_arrays(self.root / UPDATES_DIR / f"update-{index}.safetensors", arrays)
